@@ -1,0 +1,114 @@
+"""What every backend receives, and the protocol a backend implements."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from .._block_mask import BlockMask
+from .._mods import INDEX_DTYPE, ScalarMod
+
+
+class AttentionProblem(eqx.Module):
+    """One validated attention call: arrays, traced mods and static settings.
+
+    A PyTree: its leaves are q, k, v, the block mask's index arrays and the arrays
+    held by the two mods; the rest is static. Gradients of a backend's backward pass
+    have this structure (with `None` for leaves that get none).
+    """
+
+    q: Float[Array, "b hq lq d"]
+    k: Float[Array, "b hkv lkv d"]
+    v: Float[Array, "b hkv lkv dv"]
+    score_mod: ScalarMod | None
+    mask_mod: ScalarMod
+    block_mask: BlockMask
+    scale: float = eqx.field(static=True)
+    kernel_options: tuple[tuple[str, Any], ...] = eqx.field(static=True, default=())
+
+    @property
+    def acc_dtype(self):
+        """Softmax statistics and accumulators: float64 for float64 inputs, else f32."""
+        return jnp.float64 if self.q.dtype == jnp.float64 else jnp.float32
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head (1 without GQA)."""
+        return self.q.shape[1] // self.k.shape[1]
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.kernel_options)
+
+    def broadcast_mask_arrays(self) -> dict[str, Array]:
+        """The block mask's arrays broadcast to `(B, Hq, ...)`."""
+        b, hq = self.q.shape[:2]
+        bm = self.block_mask
+        out = {}
+        for name in (
+            "kv_num_blocks kv_indices full_kv_num_blocks full_kv_indices "
+            "q_num_blocks q_indices full_q_num_blocks full_q_indices"
+        ).split():
+            x = getattr(bm, name)
+            out[name] = jnp.broadcast_to(x, (b, hq, *x.shape[2:]))
+        return out
+
+
+class AbstractBackend(eqx.Module):
+    """One executor of the flex-attention semantics.
+
+    `check` raises `NotImplementedError` (saying what and why) for a problem the
+    backend cannot take; `forward` returns `(out, lse)`; `backward` returns the
+    gradients as an `AttentionProblem`-shaped PyTree. Backends with
+    `differentiable = True` are differentiated by JAX autodiff instead (the dense
+    reference).
+    """
+
+    name: ClassVar[str]
+    differentiable: ClassVar[bool] = False
+    option_names: ClassVar[tuple[str, ...]] = ()
+
+    def check(self, problem: AttentionProblem) -> None:
+        unknown = set(problem.options()) - set(self.option_names)
+        if unknown:
+            raise ValueError(
+                f"kernel_options {sorted(unknown)} are not understood by the "
+                f"{self.name!r} backend, which takes {list(self.option_names)}."
+            )
+
+    @abc.abstractmethod
+    def forward(self, problem: AttentionProblem) -> tuple[Array, Array]: ...
+
+    def backward(
+        self,
+        problem: AttentionProblem,
+        out: Array,
+        lse: Array,
+        dout: Array | None,
+        dlse: Array | None,
+        perturbed: AttentionProblem,
+    ) -> AttentionProblem:
+        raise NotImplementedError(f"the {self.name!r} backend has no backward pass")
+
+
+def grads_like(problem: AttentionProblem, dq, dk, dv, dscore) -> AttentionProblem:
+    """An `AttentionProblem`-shaped gradient: given leaves set, every other None."""
+    zero = jax.tree_util.tree_map(
+        lambda _: None, eqx.filter(problem, eqx.is_inexact_array)
+    )
+    return eqx.tree_at(
+        lambda p: (p.q, p.k, p.v, p.score_mod),
+        zero,
+        (dq, dk, dv, dscore),
+        is_leaf=lambda x: x is None,
+    )
+
+
+def block_positions(block: Array, size: int) -> Array:
+    """Element positions of blocks: `block[..., None] * size + arange(size)`."""
+    block = block.astype(INDEX_DTYPE)[..., None]
+    return block * size + jnp.arange(size, dtype=INDEX_DTYPE)

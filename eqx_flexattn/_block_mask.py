@@ -1,0 +1,501 @@
+"""`BlockMask`: the block-sparse description of which (query, key) tiles to compute."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Int
+
+from ._mods import INDEX_DTYPE, convert_mask_mod, index_grid
+
+
+# Elements of the mask evaluated at once by `create_block_mask`: 2**24 bools is
+# 16 MiB, so building a mask never needs more than a few hundred MiB at any length.
+_MASK_CHUNK_ELEMENTS = 2**24
+
+
+def noop_mask(b, h, q_idx, kv_idx):
+    """The mask mod that keeps every position."""
+    del b, h, q_idx, kv_idx
+    return jnp.asarray(True)
+
+
+class _CombinedMask(eqx.Module):
+    mods: tuple[Callable, ...]
+    op: str = eqx.field(static=True)
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        out = jnp.asarray(self.op == "and")
+        for mod in self.mods:
+            m = mod(b, h, q_idx, kv_idx)
+            out = (out & m) if self.op == "and" else (out | m)
+        return out
+
+    def __repr__(self):
+        return f"{self.op}_masks({', '.join(map(_mod_name, self.mods))})"
+
+
+def and_masks(*mask_mods: Callable) -> Callable:
+    """Mask mod that keeps a position when every one of `mask_mods` keeps it.
+
+    !!! Example
+
+        ```python
+        mask = and_masks(causal_mask, sliding_window(256))
+        ```
+    """
+    _check_callables(mask_mods, "and_masks")
+    return _CombinedMask(tuple(mask_mods), "and")
+
+
+def or_masks(*mask_mods: Callable) -> Callable:
+    """Mask mod that keeps a position when any one of `mask_mods` keeps it.
+
+    !!! Example
+
+        ```python
+        mask = or_masks(prefix_lm(64), causal_mask)
+        ```
+    """
+    _check_callables(mask_mods, "or_masks")
+    return _CombinedMask(tuple(mask_mods), "or")
+
+
+def _check_callables(mods, name):
+    for m in mods:
+        if not callable(m):
+            raise TypeError(f"{name} takes mask mods, got {type(m).__name__}.")
+
+
+def _mod_name(mod) -> str:
+    if isinstance(mod, eqx.Module):
+        return type(mod).__name__
+    return getattr(mod, "__name__", type(mod).__name__)
+
+
+def _pair(x: int | tuple[int, int], name: str) -> tuple[int, int]:
+    if isinstance(x, int | np.integer):
+        x = (int(x), int(x))
+    if (
+        not isinstance(x, tuple | list)
+        or len(x) != 2
+        or not all(isinstance(v, int | np.integer) for v in x)
+    ):
+        raise TypeError(f"`{name}` must be an int or a pair of ints, got {x!r}.")
+    x = (int(x[0]), int(x[1]))
+    if min(x) <= 0:
+        raise ValueError(f"`{name}` must be positive, got {x}.")
+    return x
+
+
+def _check_length(name: str, n: Any) -> int:
+    if not isinstance(n, int | np.integer) or n <= 0:
+        raise ValueError(f"`{name}` must be a positive int, got {n!r}.")
+    return int(n)
+
+
+def _check_batch(name: str, n: Any) -> int:
+    if n is None:
+        return 1
+    return _check_length(name, n)
+
+
+def _dense_to_indices(dense: Bool[Array, "*batch n"]) -> tuple[Array, Array]:
+    """(num, indices): the True positions of the last axis first, ascending."""
+    num = jnp.sum(dense, axis=-1, dtype=INDEX_DTYPE)
+    indices = jnp.argsort(~dense, axis=-1, stable=True).astype(INDEX_DTYPE)
+    return num, indices
+
+
+def _indices_to_dense(num: Array, indices: Array, n: int) -> Bool[Array, "..."]:
+    """Inverse of `_dense_to_indices`: a bool array whose last axis has size `n`."""
+    *batch, m = indices.shape
+    valid = jnp.arange(m) < num[..., None]
+
+    def row(idx, ok):
+        return jnp.zeros((n,), bool).at[idx].max(ok, mode="drop")
+
+    flat = jax.vmap(row)(indices.reshape(-1, m), valid.reshape(-1, m))
+    return flat.reshape(*batch, n)
+
+
+class BlockMask(eqx.Module):
+    """Block-sparse attention mask: which (query block, key block) tiles to compute.
+
+    Build one with [`create_block_mask`][eqx_flexattn.create_block_mask] (or
+    [`BlockMask.from_kv_blocks`][]). A tile is *partial* (the mask mod is evaluated on
+    each element), *full* (every element attends, the mask mod is skipped) or absent
+    (never loaded). Query block `i` of batch `b`, head `h` computes the key blocks
+    `kv_indices[b, h, i, :kv_num_blocks[b, h, i]]` (partial) and
+    `full_kv_indices[b, h, i, :full_kv_num_blocks[b, h, i]]` (full); the `q_*` arrays
+    hold the same information transposed, for the backward pass. A batch or head
+    dimension of size 1 broadcasts.
+
+    A `BlockMask` is a PyTree whose leaves are its index arrays and the arrays of its
+    mask mod: it passes through `jax.jit`, `jax.vmap` and `lax.scan` as data (new
+    document ids never recompile). Block sizes, sequence lengths and the mask mod's
+    code are static.
+
+    **Fields:** `kv_num_blocks (B, H, Mq)`, `kv_indices (B, H, Mq, Nkv)`,
+    `full_kv_num_blocks (B, H, Mq)`, `full_kv_indices (B, H, Mq, Nkv)`,
+    `q_num_blocks (B, H, Nkv)`, `q_indices (B, H, Nkv, Mq)`,
+    `full_q_num_blocks (B, H, Nkv)`, `full_q_indices (B, H, Nkv, Mq)`, all int32;
+    `block_size = (block_q, block_kv)` and `seq_lengths = (Lq, Lkv)`, static ints;
+    `mask_mod` (a property).
+    """
+
+    kv_num_blocks: Int[Array, "b h mq"]
+    kv_indices: Int[Array, "b h mq nkv"]
+    full_kv_num_blocks: Int[Array, "b h mq"]
+    full_kv_indices: Int[Array, "b h mq nkv"]
+    q_num_blocks: Int[Array, "b h nkv"]
+    q_indices: Int[Array, "b h nkv mq"]
+    full_q_num_blocks: Int[Array, "b h nkv"]
+    full_q_indices: Int[Array, "b h nkv mq"]
+    block_size: tuple[int, int] = eqx.field(static=True)
+    seq_lengths: tuple[int, int] = eqx.field(static=True)
+    mask_arrays: Any
+    mask_static: Any = eqx.field(static=True)
+
+    def __init__(
+        self,
+        kv_num_blocks,
+        kv_indices,
+        full_kv_num_blocks,
+        full_kv_indices,
+        q_num_blocks,
+        q_indices,
+        full_q_num_blocks,
+        full_q_indices,
+        *,
+        block_size: int | tuple[int, int],
+        seq_lengths: tuple[int, int],
+        mask_mod: Callable | None = None,
+    ):
+        block_size = _pair(block_size, "block_size")
+        seq_lengths = _pair(seq_lengths, "seq_lengths")
+        mq = math.ceil(seq_lengths[0] / block_size[0])
+        nkv = math.ceil(seq_lengths[1] / block_size[1])
+        arrays = dict(
+            kv_num_blocks=kv_num_blocks,
+            kv_indices=kv_indices,
+            full_kv_num_blocks=full_kv_num_blocks,
+            full_kv_indices=full_kv_indices,
+            q_num_blocks=q_num_blocks,
+            q_indices=q_indices,
+            full_q_num_blocks=full_q_num_blocks,
+            full_q_indices=full_q_indices,
+        )
+        b, h = jnp.shape(kv_num_blocks)[:2]
+        expected = dict(
+            kv_num_blocks=(b, h, mq),
+            kv_indices=(b, h, mq, nkv),
+            full_kv_num_blocks=(b, h, mq),
+            full_kv_indices=(b, h, mq, nkv),
+            q_num_blocks=(b, h, nkv),
+            q_indices=(b, h, nkv, mq),
+            full_q_num_blocks=(b, h, nkv),
+            full_q_indices=(b, h, nkv, mq),
+        )
+        for name, x in arrays.items():
+            x = jnp.asarray(x)
+            if x.shape != expected[name]:
+                raise ValueError(
+                    f"BlockMask: `{name}` has shape {x.shape}, expected "
+                    f"{expected[name]} for seq_lengths={seq_lengths} and "
+                    f"block_size={block_size}."
+                )
+            if not jnp.issubdtype(x.dtype, jnp.integer):
+                raise TypeError(
+                    f"BlockMask: `{name}` must hold integers, got dtype {x.dtype}."
+                )
+            setattr(self, name, x.astype(INDEX_DTYPE))
+        self.block_size = block_size
+        self.seq_lengths = seq_lengths
+        mask_mod = noop_mask if mask_mod is None else mask_mod
+        self.mask_arrays, self.mask_static = eqx.partition(mask_mod, eqx.is_array)
+
+    @property
+    def mask_mod(self) -> Callable:
+        """The mask mod applied to the elements of partial blocks."""
+        return eqx.combine(self.mask_arrays, self.mask_static)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """`(B, H, Lq, Lkv)`; B or H of 1 broadcasts."""
+        b, h = self.kv_num_blocks.shape[:2]
+        return (b, h, *self.seq_lengths)
+
+    @property
+    def num_blocks(self) -> tuple[int, int]:
+        """`(Mq, Nkv)`: the number of query and key blocks."""
+        return self.kv_indices.shape[-2], self.kv_indices.shape[-1]
+
+    @classmethod
+    def from_kv_blocks(
+        cls,
+        kv_num_blocks: Int[Array, "b h mq"],
+        kv_indices: Int[Array, "b h mq nkv"],
+        full_kv_num_blocks: Int[Array, "b h mq"] | None = None,
+        full_kv_indices: Int[Array, "b h mq nkv"] | None = None,
+        *,
+        block_size: int | tuple[int, int] = 128,
+        mask_mod: Callable | None = None,
+        seq_lengths: tuple[int, int] | None = None,
+    ) -> BlockMask:
+        """Builds a `BlockMask` from its forward (kv) block lists alone.
+
+        The transposed `q_*` lists are derived. `seq_lengths` defaults to the number
+        of blocks times the block size. Indices past `kv_num_blocks` are ignored.
+        """
+        block_size = _pair(block_size, "block_size")
+        kv_num_blocks = jnp.asarray(kv_num_blocks)
+        kv_indices = jnp.asarray(kv_indices)
+        if kv_num_blocks.ndim != 3 or kv_indices.ndim != 4:
+            raise ValueError(
+                "from_kv_blocks: `kv_num_blocks` must be (B, H, Mq) and `kv_indices` "
+                f"(B, H, Mq, Nkv), got {kv_num_blocks.shape} and {kv_indices.shape}."
+            )
+        mq, nkv = kv_indices.shape[-2:]
+        if seq_lengths is None:
+            seq_lengths = (mq * block_size[0], nkv * block_size[1])
+        if full_kv_num_blocks is None:
+            full_kv_num_blocks = jnp.zeros_like(kv_num_blocks)
+            full_kv_indices = jnp.zeros_like(kv_indices)
+        elif full_kv_indices is None:
+            raise ValueError("from_kv_blocks: `full_kv_indices` is missing.")
+        partial = _indices_to_dense(kv_num_blocks, kv_indices, nkv)
+        full = _indices_to_dense(
+            jnp.asarray(full_kv_num_blocks), jnp.asarray(full_kv_indices), nkv
+        )
+        return cls._from_dense(
+            partial & ~full, full, block_size, seq_lengths, mask_mod
+        )
+
+    @classmethod
+    def _from_dense(cls, partial, full, block_size, seq_lengths, mask_mod):
+        kv = _dense_to_indices(partial) + _dense_to_indices(full)
+        t = lambda x: jnp.swapaxes(x, -1, -2)
+        q = _dense_to_indices(t(partial)) + _dense_to_indices(t(full))
+        return cls(
+            *kv, *q, block_size=block_size, seq_lengths=seq_lengths, mask_mod=mask_mod
+        )
+
+    def _dense_states(self) -> tuple[Array, Array]:
+        """(partial, full): bool arrays of shape (B, H, Mq, Nkv)."""
+        nkv = self.num_blocks[1]
+        partial = _indices_to_dense(self.kv_num_blocks, self.kv_indices, nkv)
+        full = _indices_to_dense(self.full_kv_num_blocks, self.full_kv_indices, nkv)
+        return partial, full
+
+    def to_dense(self) -> Int[Array, "b h mq nkv"]:
+        """The block-level mask, shape `(B, H, Mq, Nkv)`: 1 where a block is computed."""
+        partial, full = self._dense_states()
+        return (partial | full).astype(INDEX_DTYPE)
+
+    def sparsity(self) -> float:
+        """Percentage of blocks that are skipped (as in PyTorch FlexAttention)."""
+        dense = np.asarray(self.to_dense())
+        return float(100.0 * (1.0 - dense.sum() / max(dense.size, 1)))
+
+    def __getitem__(self, index) -> BlockMask:
+        """Selects batches and heads: `bm[b]`, `bm[b, h]`, `bm[:, h0:h1]`.
+
+        Integer indices keep their dimension (of size 1), so the result is again a
+        valid, broadcastable `BlockMask`.
+        """
+        if not isinstance(index, tuple):
+            index = (index,)
+        if len(index) > 2:
+            raise IndexError(
+                "A BlockMask can be indexed on its batch and head dimensions only, "
+                f"got {len(index)} indices."
+            )
+        sizes = self.kv_num_blocks.shape[:2]
+        index = tuple(
+            _keepdim(i, n, name) for i, n, name in zip(index, sizes, ("batch", "head"))
+        )
+        names = (
+            "kv_num_blocks kv_indices full_kv_num_blocks full_kv_indices "
+            "q_num_blocks q_indices full_q_num_blocks full_q_indices"
+        ).split()
+        return BlockMask(
+            *(getattr(self, n)[index] for n in names),
+            block_size=self.block_size,
+            seq_lengths=self.seq_lengths,
+            mask_mod=self.mask_mod,
+        )
+
+    def adjust(self, q_len: int, kv_len: int) -> BlockMask:
+        """This mask cropped to shorter sequence lengths (e.g. for a shorter batch).
+
+        The mask mod keeps its meaning: element `(q, kv)` of the result is element
+        `(q, kv)` of this mask. Growing is impossible without re-evaluating the mask
+        mod: call `create_block_mask` again for that.
+        """
+        q_len = _check_length("q_len", q_len)
+        kv_len = _check_length("kv_len", kv_len)
+        if q_len > self.seq_lengths[0] or kv_len > self.seq_lengths[1]:
+            raise ValueError(
+                f"adjust can only shrink a BlockMask: it was built for "
+                f"seq_lengths={self.seq_lengths}, got ({q_len}, {kv_len}). Build a "
+                "new one with create_block_mask."
+            )
+        mq = math.ceil(q_len / self.block_size[0])
+        nkv = math.ceil(kv_len / self.block_size[1])
+        partial, full = self._dense_states()
+        return BlockMask._from_dense(
+            partial[..., :mq, :nkv],
+            full[..., :mq, :nkv],
+            self.block_size,
+            (q_len, kv_len),
+            self.mask_mod,
+        )
+
+    def __repr__(self) -> str:
+        head = (
+            f"BlockMask(shape={self.shape}, block_size={self.block_size}, "
+            f"mask_mod={_mod_name(self.mask_mod)}"
+        )
+        try:
+            partial, full = map(np.asarray, self._dense_states())
+        except jax.errors.ConcretizationTypeError:
+            return head + ")"
+        dense = partial | full
+        lines = [head + f", sparsity={self.sparsity():.2f}%)"]
+        b, h = dense.shape[:2]
+        shown = [(i, j) for i in range(b) for j in range(h)][:4]
+        for i, j in shown:
+            lines.append(f"({i}, {j})")
+            lines.extend(_draw(partial[i, j], full[i, j]))
+        if len(shown) < b * h:
+            lines.append(f"... ({b * h - len(shown)} more (batch, head) pairs)")
+        return "\n".join(lines)
+
+    __str__ = __repr__
+
+
+def _keepdim(i, n: int, name: str):
+    if isinstance(i, int | np.integer):
+        if not -n <= i < n:
+            raise IndexError(f"BlockMask {name} index {i} is out of range for size {n}.")
+        i = int(i) % n
+        return slice(i, i + 1)
+    if isinstance(i, slice):
+        return i
+    raise TypeError(f"BlockMask indices must be ints or slices, got {type(i).__name__}.")
+
+
+_MAX_DRAWN = 32
+
+
+def _draw(partial: np.ndarray, full: np.ndarray) -> list[str]:
+    """Draws a block pattern: '██' full, '░░' partial, '  ' skipped.
+
+    Patterns larger than 32x32 blocks are downsampled; a cell shows the densest
+    block it covers.
+    """
+    state = np.where(full, 2, np.where(partial, 1, 0))
+    rows, cols = state.shape
+    fr, fc = math.ceil(rows / _MAX_DRAWN), math.ceil(cols / _MAX_DRAWN)
+    if fr > 1 or fc > 1:
+        pad = np.zeros((math.ceil(rows / fr) * fr, math.ceil(cols / fc) * fc), int)
+        pad[:rows, :cols] = state
+        state = pad.reshape(pad.shape[0] // fr, fr, pad.shape[1] // fc, fc).max((1, 3))
+    chars = np.array(["  ", "░░", "██"])
+    return ["".join(chars[r]).rstrip() or "" for r in state]
+
+
+def create_mask(
+    mask_mod: Callable,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+) -> Bool[Array, "b h q_len kv_len"]:
+    """Evaluates `mask_mod` densely: a bool array of shape `(B, H, Q_LEN, KV_LEN)`.
+
+    `B` or `H` of `None` means 1 (broadcast). Memory is O(Q_LEN * KV_LEN): for long
+    sequences build a [`BlockMask`][eqx_flexattn.BlockMask] instead.
+
+    !!! Example
+
+        ```python
+        dense = create_mask(causal_mask, None, None, 4, 4)   # lower triangle
+        ```
+    """
+    b, h = _check_batch("B", B), _check_batch("H", H)
+    lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
+    return convert_mask_mod(mask_mod)(*index_grid(b, h, lq, lkv))
+
+
+def create_block_mask(
+    mask_mod: Callable,
+    B: int | None,
+    H: int | None,
+    Q_LEN: int,
+    KV_LEN: int,
+    *,
+    block_size: int | tuple[int, int] = 128,
+) -> BlockMask:
+    """Builds the [`BlockMask`][eqx_flexattn.BlockMask] of `mask_mod`.
+
+    **Arguments:**
+
+    - `mask_mod`: `mask_mod(b, h, q_idx, kv_idx) -> bool`, written for scalar int32
+        indices. A function, or an `eqx.Module` whose arrays are data.
+    - `B`, `H`: batch size and number of query heads; `None` means 1 (broadcast over
+        every batch element or head).
+    - `Q_LEN`, `KV_LEN`: sequence lengths; need not be multiples of the block size.
+    - `block_size`: an int, or `(block_q, block_kv)`.
+
+    **Returns:** a `BlockMask` for inputs of shape `(B, H, Q_LEN, ·)` and
+    `(B, ·, KV_LEN, ·)`.
+
+    The mask is evaluated a few query blocks at a time, never as one
+    `Q_LEN x KV_LEN` array, so memory stays bounded at any length; it is jittable
+    (the sizes are static).
+
+    !!! Example
+
+        ```python
+        bm = create_block_mask(causal_mask, None, None, 4096, 4096)
+        out = flex_attention(q, k, v, block_mask=bm)
+        ```
+    """
+    b, h = _check_batch("B", B), _check_batch("H", H)
+    lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
+    bq, bkv = _pair(block_size, "block_size")
+    mq, nkv = math.ceil(lq / bq), math.ceil(lkv / bkv)
+    mod = convert_mask_mod(mask_mod)
+    # Query blocks evaluated per step of the loop.
+    per_step = max(1, min(mq, _MASK_CHUNK_ELEMENTS // (b * h * bq * nkv * bkv)))
+    steps = math.ceil(mq / per_step)
+
+    ib = jnp.arange(b, dtype=INDEX_DTYPE).reshape(b, 1, 1, 1)
+    ih = jnp.arange(h, dtype=INDEX_DTYPE).reshape(1, h, 1, 1)
+    ikv = jnp.arange(nkv * bkv, dtype=INDEX_DTYPE).reshape(1, 1, 1, -1)
+    kv_in = ikv < lkv
+
+    def block_states(step):
+        iq = step * per_step * bq + jnp.arange(per_step * bq, dtype=INDEX_DTYPE)
+        iq = iq.reshape(1, 1, -1, 1)
+        in_bounds = (iq < lq) & kv_in
+        keep = mod(ib, ih, jnp.minimum(iq, lq - 1), jnp.minimum(ikv, lkv - 1))
+        shape = (b, h, per_step, bq, nkv, bkv)
+        anyk = jnp.any((keep & in_bounds).reshape(shape), axis=(3, 5))
+        allk = jnp.all((keep | ~in_bounds).reshape(shape), axis=(3, 5))
+        return anyk & ~allk, anyk & allk
+
+    partial, full = jax.lax.map(block_states, jnp.arange(steps))
+    partial, full = (
+        jnp.moveaxis(x, 0, 2).reshape(b, h, steps * per_step, nkv)[:, :, :mq]
+        for x in (partial, full)
+    )
+    return BlockMask._from_dense(partial, full, (bq, bkv), (lq, lkv), mask_mod)

@@ -1,0 +1,141 @@
+"""Tracing user score mods and mask mods into array-valued, PyTree-explicit functions.
+
+A score mod `score_mod(score, b, h, q_idx, kv_idx) -> score` or mask mod
+`mask_mod(b, h, q_idx, kv_idx) -> bool` is written, as in PyTorch FlexAttention, for
+scalars. Every backend evaluates it on whole blocks by broadcasting
+(`jnp.vectorize`, i.e. nested `vmap`s that skip size-1 axes), so any `jnp` expression
+works and a lookup such as `bias[h, q_idx - kv_idx]` stays a small gather.
+
+Before a mod crosses `custom_vjp` it is closure-converted: every array it holds
+(`eqx.Module` fields) or closes over (tracers captured by a lambda inside the user's
+`jit`) becomes an explicit PyTree leaf of a `ScalarMod`. Inexact leaves can then
+receive gradients from the fused backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+
+INDEX_DTYPE = jnp.int32
+
+
+def _describe(mod: Callable) -> str:
+    name = getattr(mod, "__qualname__", None) or type(mod).__qualname__
+    return f"`{name}`"
+
+
+def _scalar_indices(n: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    return tuple(jax.ShapeDtypeStruct((), INDEX_DTYPE) for _ in range(n))
+
+
+def _check_output(
+    mod: Callable, out: Any, *, what: str, want_bool: bool
+) -> None:
+    if not isinstance(out, jax.ShapeDtypeStruct | jax.Array) and not hasattr(
+        out, "shape"
+    ):
+        raise TypeError(
+            f"{what} {_describe(mod)} must return one array, got {type(out).__name__}."
+        )
+    if out.shape != ():
+        raise ValueError(
+            f"{what} {_describe(mod)} must map scalar indices to a scalar, but "
+            f"returned shape {tuple(out.shape)} for scalar inputs. Index the arrays "
+            "it uses with every index argument (e.g. `bias[h, q_idx - kv_idx]`)."
+        )
+    if want_bool and out.dtype != jnp.bool_:
+        raise TypeError(
+            f"{what} {_describe(mod)} must return a bool, got dtype {out.dtype}."
+        )
+    if not want_bool and not jnp.issubdtype(out.dtype, jnp.floating):
+        raise TypeError(
+            f"{what} {_describe(mod)} must return a floating-point score, got dtype "
+            f"{out.dtype}."
+        )
+
+
+def index_grid(b: int, h: int, lq: int, lkv: int) -> tuple[jax.Array, ...]:
+    """Broadcastable `(b, h, q_idx, kv_idx)` index arrays of a `(b, h, lq, lkv)` grid."""
+    return tuple(
+        jnp.arange(n, dtype=INDEX_DTYPE).reshape(shape)
+        for n, shape in (
+            (b, (b, 1, 1, 1)),
+            (h, (1, h, 1, 1)),
+            (lq, (1, 1, lq, 1)),
+            (lkv, (1, 1, 1, lkv)),
+        )
+    )
+
+
+class ScalarMod(eqx.Module):
+    """A closure-converted mod: call it on broadcastable arrays of indices.
+
+    Its array leaves are exactly the arrays the mod depends on; its static part is the
+    traced program. `kind` is `"score"` or `"mask"`.
+    """
+
+    fn: Callable
+    kind: str = eqx.field(static=True)
+    score_dtype: Any = eqx.field(static=True, default=None)
+
+    def __call__(self, *args: jax.Array) -> jax.Array:
+        if self.kind == "score":
+            score, *idx = args
+            idx = [jnp.asarray(i, INDEX_DTYPE) for i in idx]
+            out = jnp.vectorize(self.fn)(score.astype(self.score_dtype), *idx)
+            return jnp.broadcast_to(out, jnp.broadcast_shapes(*map(jnp.shape, args)))
+        idx = [jnp.asarray(i, INDEX_DTYPE) for i in args]
+        out = jnp.vectorize(self.fn)(*idx)
+        return jnp.broadcast_to(out, jnp.broadcast_shapes(*map(jnp.shape, args)))
+
+
+def convert_score_mod(score_mod: Callable, score_dtype) -> ScalarMod:
+    """Closure-converts `score_mod` for scores of `score_dtype`, checking its output."""
+    if not callable(score_mod):
+        raise TypeError(
+            f"`score_mod` must be callable, got {type(score_mod).__name__}."
+        )
+    score_dtype = jnp.dtype(score_dtype)
+    args = (jax.ShapeDtypeStruct((), score_dtype), *_scalar_indices(4))
+    try:
+        out = eqx.filter_eval_shape(score_mod, *args)
+    except TypeError as e:
+        raise TypeError(
+            f"score_mod {_describe(score_mod)} could not be called as "
+            f"`score_mod(score, b, h, q_idx, kv_idx)`: {e}"
+        ) from e
+    _check_output(score_mod, out, what="score_mod", want_bool=False)
+
+    fn = eqx.filter_closure_convert(_CastOutput(score_mod, score_dtype), *args)
+    return ScalarMod(fn, "score", score_dtype)
+
+
+def convert_mask_mod(mask_mod: Callable) -> ScalarMod:
+    """Closure-converts `mask_mod`, checking that it returns a scalar bool."""
+    if not callable(mask_mod):
+        raise TypeError(f"`mask_mod` must be callable, got {type(mask_mod).__name__}.")
+    args = _scalar_indices(4)
+    try:
+        out = eqx.filter_eval_shape(mask_mod, *args)
+    except TypeError as e:
+        raise TypeError(
+            f"mask_mod {_describe(mask_mod)} could not be called as "
+            f"`mask_mod(b, h, q_idx, kv_idx)`: {e}"
+        ) from e
+    _check_output(mask_mod, out, what="mask_mod", want_bool=True)
+    fn = eqx.filter_closure_convert(mask_mod, *args)
+    return ScalarMod(fn, "mask")
+
+
+class _CastOutput(eqx.Module):
+    mod: Callable
+    dtype: Any = eqx.field(static=True)
+
+    def __call__(self, *args):
+        return jnp.asarray(self.mod(*args)).astype(self.dtype)
