@@ -294,7 +294,7 @@ class BlockMask(eqx.Module):
         full = _indices_to_dense(self.full_kv_num_blocks, self.full_kv_indices, nkv)
         return partial, full
 
-    def to_dense(self) -> Int[Array, "b h mq nkv"]:
+    def to_dense(self) -> Int[Array, "*bh mq nkv"]:
         """The block-level mask, shape `(B, H, Mq, Nkv)`: 1 where a block is computed."""
         partial, full = self._dense_states()
         return (partial | full).astype(INDEX_DTYPE)
@@ -363,10 +363,9 @@ class BlockMask(eqx.Module):
             f"BlockMask(shape={self.shape}, block_size={self.block_size}, "
             f"mask_mod={_mod_name(self.mask_mod)}"
         )
-        try:
-            partial, full = map(np.asarray, self._dense_states())
-        except jax.errors.ConcretizationTypeError:
-            return head + ")"
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(self)):
+            return head + ")"  # traced: nothing to draw
+        partial, full = map(np.asarray, self._dense_states())
         dense = partial | full
         lines = [head + f", sparsity={self.sparsity():.2f}%)"]
         b, h = dense.shape[:2]

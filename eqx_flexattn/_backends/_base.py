@@ -100,12 +100,12 @@ def grads_like(problem: AttentionProblem, dq, dk, dv, dscore) -> AttentionProble
     zero = jax.tree_util.tree_map(
         lambda _: None, eqx.filter(problem, eqx.is_inexact_array)
     )
-    return eqx.tree_at(
-        lambda p: (p.q, p.k, p.v, p.score_mod),
-        zero,
-        (dq, dk, dv, dscore),
-        is_leaf=lambda x: x is None,
+    zero = eqx.tree_at(
+        lambda p: (p.q, p.k, p.v), zero, (dq, dk, dv), is_leaf=lambda x: x is None
     )
+    if dscore is None:  # score mod absent or not differentiated: all its leaves None
+        return zero
+    return eqx.tree_at(lambda p: p.score_mod, zero, dscore)
 
 
 def block_positions(block: Array, size: int) -> Array:

@@ -217,10 +217,12 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
     lay = _layout(problem)
     acc = problem.acc_dtype
     q, k, v = problem.q, problem.k, problem.v
+    nonempty = jnp.isfinite(lse)
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1)
     if dlse is not None:
-        delta = delta - dlse.astype(acc)
-    lse_safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+        # The lse of a fully masked row is a constant -inf: no gradient flows back.
+        delta = delta - jnp.where(nonempty, dlse.astype(acc), 0.0)
+    lse_safe = jnp.where(nonempty, lse, 0.0)
     qb = _group(_to_blocks(q, lay.mq, lay.bq), lay)
     dob = _group(_to_blocks(dout, lay.mq, lay.bq), lay)
     lseb = _group(_to_blocks(lse_safe, lay.mq, lay.bq), lay)
@@ -232,7 +234,7 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
         s, vjp = _scores_vjp(problem, lay, t, qt, kt, want_mod_grad)
         p = jnp.where(keep, jnp.exp(s - lset[..., None]), 0.0)
         dp = jnp.einsum("...qd,...kd->...qk", dot, vt, preferred_element_type=acc)
-        ds = p * (dp - deltat[..., None])
+        ds = jnp.where(keep, p * (dp - deltat[..., None]), 0.0)
         ds_raw, dmod = vjp(ds)
         return p, ds_raw, dmod
 

@@ -1,0 +1,247 @@
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_flexattn as fa
+from eqx_flexattn import masks
+
+
+def numpy_block_states(dense: np.ndarray, bq: int, bkv: int):
+    """(partial, full) per block from a dense (B, H, Lq, Lkv) bool mask (in-bounds)."""
+    b, h, lq, lkv = dense.shape
+    mq, nkv = math.ceil(lq / bq), math.ceil(lkv / bkv)
+    partial = np.zeros((b, h, mq, nkv), bool)
+    full = np.zeros((b, h, mq, nkv), bool)
+    for i in range(mq):
+        for j in range(nkv):
+            tile = dense[:, :, i * bq : (i + 1) * bq, j * bkv : (j + 1) * bkv]
+            anyk, allk = tile.any((2, 3)), tile.all((2, 3))
+            full[:, :, i, j] = allk
+            partial[:, :, i, j] = anyk & ~allk
+    return partial, full
+
+
+def window_head(b, h, q_idx, kv_idx):
+    return jnp.abs(q_idx - kv_idx) <= 3 * (h + 1)
+
+
+def batch_mask(b, h, q_idx, kv_idx):
+    return (q_idx + kv_idx + b) % 5 != 0
+
+
+CASES = [
+    (masks.causal_mask, None, None, 64, 64, 16),
+    (masks.causal_mask, None, None, 70, 45, (16, 8)),
+    (window_head, None, 3, 50, 61, 8),
+    (batch_mask, 2, None, 33, 33, (8, 16)),
+    (masks.sliding_window(10), None, None, 40, 40, 8),
+]
+
+
+@pytest.mark.parametrize("mask_mod,B,H,lq,lkv,bs", CASES)
+def test_block_states_match_dense_mask(mask_mod, B, H, lq, lkv, bs):
+    bm = fa.create_block_mask(mask_mod, B, H, lq, lkv, block_size=bs)
+    dense = np.asarray(fa.create_mask(mask_mod, B, H, lq, lkv))
+    bq, bkv = (bs, bs) if isinstance(bs, int) else bs
+    want_partial, want_full = numpy_block_states(dense, bq, bkv)
+    partial, full = map(np.asarray, bm._dense_states())
+    np.testing.assert_array_equal(partial, want_partial)
+    np.testing.assert_array_equal(full, want_full)
+    np.testing.assert_array_equal(bm.to_dense(), want_partial | want_full)
+    assert bm.shape == (B or 1, H or 1, lq, lkv)
+    assert bm.block_size == (bq, bkv)
+
+
+@pytest.mark.parametrize("mask_mod,B,H,lq,lkv,bs", CASES[:3])
+def test_lists_sorted_and_transposed(mask_mod, B, H, lq, lkv, bs):
+    bm = fa.create_block_mask(mask_mod, B, H, lq, lkv, block_size=bs)
+    partial, full = map(np.asarray, bm._dense_states())
+    for num, idx, dense in (
+        (bm.kv_num_blocks, bm.kv_indices, partial),
+        (bm.full_kv_num_blocks, bm.full_kv_indices, full),
+        (bm.q_num_blocks, bm.q_indices, partial.swapaxes(-1, -2)),
+        (bm.full_q_num_blocks, bm.full_q_indices, full.swapaxes(-1, -2)),
+    ):
+        num, idx = np.asarray(num), np.asarray(idx)
+        assert num.dtype == np.int32 and idx.dtype == np.int32
+        np.testing.assert_array_equal(num, dense.sum(-1))
+        for pos in np.ndindex(*num.shape):
+            listed = idx[pos][: num[pos]]
+            np.testing.assert_array_equal(listed, np.flatnonzero(dense[pos]))
+
+
+def test_create_mask_values():
+    dense = np.asarray(fa.create_mask(masks.causal_mask, None, None, 4, 5))
+    np.testing.assert_array_equal(dense[0, 0], np.tril(np.ones((4, 5), bool)))
+
+
+def test_jittable_and_data_leaves():
+    ids = jnp.array([0, 0, 1, 1, 1, 2, 2, 2])
+    build = jax.jit(
+        lambda ids: fa.create_block_mask(masks.document_mask(ids), None, None, 8, 8, block_size=2)
+    )
+    bm1 = build(ids)
+    bm2 = build(jnp.array([0, 0, 0, 0, 1, 1, 1, 1]))
+    assert build._cache_size() == 1
+    leaves = jax.tree_util.tree_leaves(bm1)
+    assert all(isinstance(x, jax.Array) for x in leaves)
+    assert len(leaves) == 8 + 2  # index arrays + the mask's q/kv document ids
+    assert not np.array_equal(bm1.to_dense(), bm2.to_dense())
+
+
+def test_passes_plain_jit_vmap_scan():
+    ids = jnp.array([[0, 0, 1, 1], [0, 1, 1, 1]])
+    bms = jax.vmap(
+        lambda i: fa.create_block_mask(masks.document_mask(i), None, None, 4, 4, block_size=2)
+    )(ids)
+    assert bms.kv_num_blocks.shape == (2, 1, 1, 2)
+
+    @jax.jit
+    def count(bm):
+        return bm.kv_num_blocks.sum() + bm.full_kv_num_blocks.sum()
+
+    bm = fa.create_block_mask(masks.causal_mask, None, None, 16, 16, block_size=4)
+    assert int(count(bm)) == 10
+
+    def step(carry, bm):
+        return carry + bm.to_dense().sum(), None
+
+    total, _ = jax.lax.scan(step, 0, bms)
+    assert int(total) == int(bms.to_dense().sum())
+    assert eqx.filter_jit(lambda bm: bm)(bm).mask_mod is masks.causal_mask
+
+
+def test_memory_is_chunked():
+    """The mask is evaluated a few blocks at a time: no L x L temporary."""
+    lowered = jax.jit(
+        lambda: fa.create_block_mask(masks.causal_mask, None, None, 32768, 32768)
+    ).lower()
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    assert temp < 256 * 2**20, temp  # an L x L bool alone would be 1 GiB
+
+
+def test_sparsity_getitem_repr():
+    bm = fa.create_block_mask(window_head, 2, 3, 64, 64, block_size=16)
+    dense = np.asarray(bm.to_dense())
+    assert bm.sparsity() == pytest.approx(100 * (1 - dense.mean()))
+    sub = bm[1]
+    assert sub.shape == (1, 3, 64, 64)
+    np.testing.assert_array_equal(sub.to_dense(), dense[1:2])
+    sub = bm[-1, 1:]
+    np.testing.assert_array_equal(sub.to_dense(), dense[1:2, 1:])
+    with pytest.raises(IndexError, match="out of range"):
+        bm[2]
+    with pytest.raises(IndexError, match="batch and head"):
+        bm[0, 0, 0]
+    text = repr(fa.create_block_mask(masks.causal_mask, None, None, 32, 32, block_size=8))
+    assert "sparsity=37.50%" in text
+    assert text.splitlines()[2:6] == ["░░", "██░░", "████░░", "██████░░"]
+
+
+def test_repr_downsamples_large_masks():
+    bm = fa.create_block_mask(masks.causal_mask, None, None, 8192, 8192, block_size=64)
+    rows = repr(bm).splitlines()[2:]
+    assert len(rows) == 32 and max(map(len, rows)) == 64
+
+
+def test_repr_under_jit_does_not_fail():
+    @jax.jit
+    def f(ids):
+        bm = fa.create_block_mask(masks.document_mask(ids), None, None, 4, 4, block_size=2)
+        assert repr(bm).startswith("BlockMask(shape=(1, 1, 4, 4)")
+        return bm.kv_num_blocks
+
+    f(jnp.array([0, 0, 1, 1]))
+
+
+def test_adjust_matches_fresh_mask():
+    mod = masks.sliding_window(7)
+    big = fa.create_block_mask(mod, None, None, 100, 90, block_size=16)
+    small = big.adjust(50, 41)
+    fresh = fa.create_block_mask(mod, None, None, 50, 41, block_size=16)
+    assert small.seq_lengths == (50, 41)
+    # Cropping keeps every block of the fresh mask (it may keep a few more: blocks
+    # cut by the new lengths are not re-evaluated), and attends identically.
+    assert np.all(np.asarray(small.to_dense()) >= np.asarray(fresh.to_dense()))
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, 1, n, 8)) for i, n in enumerate((50, 41, 41)))
+    np.testing.assert_allclose(
+        fa.flex_attention(q, k, v, block_mask=small, backend="xla"),
+        fa.flex_attention(q, k, v, block_mask=fresh, backend="xla"),
+        atol=1e-12,
+    )
+    with pytest.raises(ValueError, match=r"only shrink.*\(100, 90\).*\(120, 41\)"):
+        big.adjust(120, 41)
+
+
+def test_from_kv_blocks_roundtrip():
+    bm = fa.create_block_mask(window_head, None, 2, 48, 48, block_size=16)
+    rebuilt = fa.BlockMask.from_kv_blocks(
+        bm.kv_num_blocks,
+        bm.kv_indices,
+        bm.full_kv_num_blocks,
+        bm.full_kv_indices,
+        block_size=16,
+        mask_mod=window_head,
+    )
+    assert rebuilt.seq_lengths == (48, 48)
+    for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
+        np.testing.assert_array_equal(getattr(rebuilt, name), getattr(bm, name))
+
+
+def test_combinators():
+    even = lambda b, h, q, kv: kv % 2 == 0
+    d_and = fa.create_mask(fa.and_masks(masks.causal_mask, even), None, None, 6, 6)
+    d_or = fa.create_mask(fa.or_masks(masks.causal_mask, even), None, None, 6, 6)
+    q, kv = np.ogrid[:6, :6]
+    np.testing.assert_array_equal(d_and[0, 0], (q >= kv) & (kv % 2 == 0))
+    np.testing.assert_array_equal(d_or[0, 0], (q >= kv) | (kv % 2 == 0))
+    assert bool(fa.create_mask(fa.noop_mask, None, None, 3, 3).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(B=0), ValueError, "`B` must be a positive int"),
+        (dict(Q_LEN=-3), ValueError, "`Q_LEN` must be a positive int"),
+        (dict(block_size=(16, 0)), ValueError, "`block_size` must be positive"),
+        (dict(block_size=1.5), TypeError, "block_size"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, match):
+    args = dict(mask_mod=masks.causal_mask, B=None, H=None, Q_LEN=8, KV_LEN=8)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fa.create_block_mask(**args)
+
+
+def test_bad_mask_mods():
+    with pytest.raises(TypeError, match="mask_mod `.*<lambda>` must return a bool"):
+        fa.create_block_mask(lambda b, h, q, kv: q - kv, None, None, 8, 8)
+    table = jnp.ones((8, 8), bool)
+    with pytest.raises(ValueError, match=r"returned shape \(8,\)"):
+        fa.create_block_mask(lambda b, h, q, kv: table[q], None, None, 8, 8)
+    with pytest.raises(TypeError, match="could not be called as `mask_mod"):
+        fa.create_block_mask(lambda q, kv: q >= kv, None, None, 8, 8)
+    with pytest.raises(TypeError, match="mask_mod"):
+        fa.create_block_mask("causal", None, None, 8, 8)
+
+
+def test_block_mask_shape_validation():
+    bm = fa.create_block_mask(masks.causal_mask, None, None, 32, 32, block_size=8)
+    with pytest.raises(ValueError, match=r"`kv_indices` has shape \(1, 1, 4, 3\)"):
+        fa.BlockMask(
+            bm.kv_num_blocks,
+            bm.kv_indices[..., :3],
+            bm.full_kv_num_blocks,
+            bm.full_kv_indices,
+            bm.q_num_blocks,
+            bm.q_indices,
+            bm.full_q_num_blocks,
+            bm.full_q_indices,
+            block_size=8,
+            seq_lengths=(32, 32),
+        )

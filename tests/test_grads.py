@@ -1,0 +1,139 @@
+"""Gradients of q, k, v and score-mod parameters: finite differences and reference."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_qkv, to_f64
+
+import eqx_flexattn as fa
+from eqx_flexattn import masks, score_mods
+from eqx_flexattn._backends import BACKENDS
+
+
+KERNEL_BACKENDS = [name for name in BACKENDS if name != "reference"]
+
+
+def loss_fn(backend, block_mask, enable_gqa=False):
+    """A scalar touching out and lse, with cotangents of both signs."""
+
+    def loss(q, k, v, mod):
+        out, lse = fa.flex_attention(
+            q, k, v, mod, block_mask, enable_gqa=enable_gqa, return_lse=True, backend=backend
+        )
+        w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
+        finite = jnp.isfinite(lse)
+        return jnp.sum(w.astype(lse.dtype) * out.astype(lse.dtype)) + 0.3 * jnp.sum(jnp.where(finite, lse, 0.0) ** 2)
+
+    return loss
+
+
+def finite_difference_check(f, args, key, eps=1e-6, rtol=1e-6):
+    """<grad f, u> against a central difference along a random direction u."""
+    params, static = eqx.partition(args, eqx.is_inexact_array)
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    u = jax.tree_util.tree_unflatten(
+        tree, [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)]
+    )
+    g = eqx.filter_grad(lambda p: f(*eqx.combine(p, static)))(params)
+    directional = sum(
+        jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(u))
+    )
+    shift = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * d, params, u)
+    numeric = (f(*eqx.combine(shift(eps), static)) - f(*eqx.combine(shift(-eps), static))) / (2 * eps)
+    np.testing.assert_allclose(directional, numeric, rtol=rtol, atol=1e-7)
+
+
+MODS = {
+    "alibi": lambda key, h: score_mods.Alibi(jnp.linspace(0.1, 0.5, h)),
+    "relative_bias": lambda key, h: score_mods.RelativePositionBias(h, 12, key=key),
+    "t5": lambda key, h: score_mods.T5RelativeBias(h, 8, 20, key=key),
+    "head_bias_softcap": lambda key, h: score_mods.compose(
+        score_mods.HeadBias(jnp.linspace(-1, 1, h)), score_mods.SoftCap(2.0)
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("mod_name", list(MODS))
+def test_finite_differences(backend, mod_name, getkey):
+    q, k, v = random_qkv(getkey(), 1, 2, 2, 21, 27, 8, 6)
+    bm = fa.create_block_mask(masks.causal_mask, None, None, 21, 27, block_size=8)
+    mod = to_f64(MODS[mod_name](getkey(), 2))
+    finite_difference_check(loss_fn(backend, bm), (q, k, v, mod), getkey())
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("mod_name", list(MODS))
+def test_matches_reference_gradients(backend, mod_name, getkey):
+    """GQA, ragged lengths, per-head mask with fully masked rows, every mod."""
+    b, hq, hkv, lq, lkv = 2, 4, 2, 30, 45
+    q, k, v = random_qkv(getkey(), b, hq, hkv, lq, lkv, 8, 4)
+    mod_mask = lambda bb, h, qi, kv: (jnp.abs(qi - kv) <= 6 + 5 * h) & ((qi + h) % 5 != 0)
+    bm = fa.create_block_mask(mod_mask, None, hq, lq, lkv, block_size=(8, 16))
+    mod = to_f64(MODS[mod_name](getkey(), hq))
+    args = (q, k, v, mod)
+    got = eqx.filter_grad(lambda a: loss_fn(backend, bm, True)(*a))(args)
+    want = eqx.filter_grad(lambda a: loss_fn("reference", bm, True)(*a))(args)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert np.all(np.isfinite(g))
+        np.testing.assert_allclose(g, w, atol=1e-10, rtol=1e-9)
+    # The parameters really are learned: their gradient is not zero.
+    assert any(np.abs(x).max() > 1e-3 for x in jax.tree_util.tree_leaves(eqx.filter(got[3], eqx.is_inexact_array)))
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_closure_captured_array_gets_gradient(backend, getkey):
+    q, k, v = random_qkv(getkey(), 1, 2, 2, 16, 16, 8)
+
+    def loss(bias):
+        mod = lambda s, b, h, qi, kv: s + bias[h] * (qi - kv) / 16
+        return jnp.sum(fa.flex_attention(q, k, v, mod, backend=backend) ** 2)
+
+    bias = jnp.array([0.3, -0.7])
+    g = jax.jit(jax.grad(loss))(bias)
+    eps = 1e-6
+    for i in range(2):
+        e = jnp.zeros(2).at[i].set(eps)
+        np.testing.assert_allclose(g[i], (loss(bias + e) - loss(bias - e)) / (2 * eps), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_fully_masked_rows_have_zero_gradient(backend, getkey):
+    mod = lambda b, h, q, kv: (q % 3 != 1) & (kv <= q)
+    bm = fa.create_block_mask(mod, None, None, 24, 24, block_size=8)
+    q, k, v = random_qkv(getkey(), 1, 2, 2, 24, 24, 8)
+    alibi = to_f64(score_mods.generate_alibi_bias(2))
+    grads = eqx.filter_grad(lambda a: loss_fn(backend, bm)(*a))((q, k, v, alibi))
+    for g in jax.tree_util.tree_leaves(grads):
+        assert np.all(np.isfinite(g))
+    np.testing.assert_array_equal(np.asarray(grads[0])[:, :, 1::3], 0.0)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_partial_differentiation(backend, getkey):
+    """Only some inputs differentiated: the rest are skipped, results unchanged."""
+    q, k, v = random_qkv(getkey(), 1, 2, 2, 16, 16, 8)
+    alibi = to_f64(score_mods.generate_alibi_bias(2))
+    loss = loss_fn(backend, None)
+    full = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, alibi)
+    np.testing.assert_allclose(jax.grad(loss, argnums=0)(q, k, v, alibi), full[0])
+    np.testing.assert_allclose(jax.grad(loss, argnums=2)(q, k, v, alibi), full[2])
+    g = jax.grad(loss, argnums=3)(q, k, v, alibi)
+    np.testing.assert_allclose(g.slopes, full[3].slopes)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_low_precision_gradients(dtype, getkey):
+    q, k, v = random_qkv(getkey(), 1, 2, 2, 32, 32, 16, dtype=dtype)
+    bm = fa.create_block_mask(masks.causal_mask, None, None, 32, 32, block_size=16)
+    alibi = score_mods.generate_alibi_bias(2)
+    got = jax.grad(loss_fn("xla", bm), argnums=(0, 1, 2, 3))(q, k, v, alibi)
+    up = lambda x: x.astype(jnp.float64)
+    want = jax.grad(loss_fn("reference", bm), argnums=(0, 1, 2, 3))(up(q), up(k), up(v), to_f64(alibi))
+    tol = 1e-4 if dtype == jnp.float32 else 5e-2
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert g.dtype == dtype or g.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=tol * np.abs(w).max(), rtol=0)
