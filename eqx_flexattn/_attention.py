@@ -236,15 +236,36 @@ def flex_attention(
         out = fa.flex_attention(q, k, v, score_mod=alibi, block_mask=bm)
         ```
     """
+    # Check everything that can fail before compiling anything.
+    _problem(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options)
+    out, lse = _run(
+        query,
+        key,
+        value,
+        score_mod,
+        block_mask,
+        scale,
+        enable_gqa,
+        backend,
+        _check_kernel_options(kernel_options),
+    )
+    return (out, lse) if return_lse else out
+
+
+@eqx.filter_jit
+def _run(query, key, value, score_mod, block_mask, scale, enable_gqa, backend, options):
+    """Compiled once per shape, mod structure and settings, also when called eagerly.
+
+    The arrays of the mods and the block mask are traced arguments: new values (ALiBi
+    slopes, document ids) never recompile.
+    """
     problem = _problem(
-        query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
+        query, key, value, score_mod, block_mask, scale, enable_gqa, dict(options)
     )
     impl, _ = select_backend(backend, problem)
     if impl.differentiable:
-        out, lse = impl.forward(problem)
-    else:
-        out, lse = _fused(problem, impl)
-    return (out, lse) if return_lse else out
+        return impl.forward(problem)
+    return _fused(problem, impl)
 
 
 def explain_backend(

@@ -470,7 +470,15 @@ def create_block_mask(
     """
     b, h = _check_batch("B", B), _check_batch("H", H)
     lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
-    bq, bkv = _pair(block_size, "block_size")
+    convert_mask_mod(mask_mod)  # fail early, outside the compiled function
+    return _create_block_mask(mask_mod, b, h, lq, lkv, _pair(block_size, "block_size"))
+
+
+@eqx.filter_jit
+def _create_block_mask(mask_mod, b, h, lq, lkv, block_size) -> BlockMask:
+    """Compiled once per mask-mod structure and size: new arrays in the mask mod
+    (document ids) reuse the compiled function, also when called eagerly."""
+    bq, bkv = block_size
     mq, nkv = math.ceil(lq / bq), math.ceil(lkv / bkv)
     mod = convert_mask_mod(mask_mod)
     # Query blocks evaluated per step of the loop.

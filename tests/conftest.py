@@ -1,12 +1,10 @@
-import os
 
 import jax
 import pytest
 
 
-# Tests compare against float64 oracles; kernels run in Pallas interpret mode on CPU.
+# Tests compare against float64 oracles.
 jax.config.update("jax_enable_x64", True)
-os.environ.setdefault("EQX_FLEXATTN_INTERPRET", "1")
 
 
 @pytest.fixture
