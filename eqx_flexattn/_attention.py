@@ -15,7 +15,7 @@ from jaxtyping import Array, Float
 
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._block_mask import BlockMask, noop_mask
-from ._mods import INDEX_DTYPE, convert_mask_mod, convert_score_mod
+from ._mods import convert_mask_mod, convert_score_mod, INDEX_DTYPE
 
 
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
@@ -196,7 +196,10 @@ def flex_attention(
     return_lse: bool = False,
     backend: str = "auto",
     kernel_options: dict[str, Any] | None = None,
-) -> Float[Array, "b hq lq dv"] | tuple[Float[Array, "b hq lq dv"], Float[Array, "b hq lq"]]:
+) -> (
+    Float[Array, "b hq lq dv"]
+    | tuple[Float[Array, "b hq lq dv"], Float[Array, "b hq lq"]]
+):
     """Attention with a user-defined score mod and a block-sparse mask.
 
     Computes `softmax(where(mask, score_mod(q k^T * scale, b, h, q_idx, kv_idx),
@@ -237,7 +240,9 @@ def flex_attention(
         ```
     """
     # Check everything that can fail before compiling anything.
-    _problem(query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options)
+    _problem(
+        query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
+    )
     out, lse = _run(
         query,
         key,

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
-from ._mods import INDEX_DTYPE, convert_mask_mod, index_grid
+from ._mods import convert_mask_mod, INDEX_DTYPE, index_grid
 
 
 # Elements of the mask evaluated at once by `create_block_mask`: 2**24 bools is
@@ -113,7 +113,7 @@ def _dense_to_indices(dense: Bool[Array, "*batch n"]) -> tuple[Array, Array]:
     return num, indices
 
 
-def _indices_to_dense(num: Array, indices: Array, n: int) -> Bool[Array, "..."]:
+def _indices_to_dense(num: Array, indices: Array, n: int) -> Bool[Array, ...]:
     """Inverse of `_dense_to_indices`: a bool array whose last axis has size `n`."""
     *batch, m = indices.shape
     valid = jnp.arange(m) < num[..., None]
@@ -274,9 +274,7 @@ class BlockMask(eqx.Module):
         full = _indices_to_dense(
             jnp.asarray(full_kv_num_blocks), jnp.asarray(full_kv_indices), nkv
         )
-        return cls._from_dense(
-            partial & ~full, full, block_size, seq_lengths, mask_mod
-        )
+        return cls._from_dense(partial & ~full, full, block_size, seq_lengths, mask_mod)
 
     @classmethod
     def _from_dense(cls, partial, full, block_size, seq_lengths, mask_mod):
@@ -295,7 +293,7 @@ class BlockMask(eqx.Module):
         return partial, full
 
     def to_dense(self) -> Int[Array, "*bh mq nkv"]:
-        """The block-level mask, shape `(B, H, Mq, Nkv)`: 1 where a block is computed."""
+        """The block-level mask `(B, H, Mq, Nkv)`: 1 where a block is computed."""
         partial, full = self._dense_states()
         return (partial | full).astype(INDEX_DTYPE)
 
@@ -383,12 +381,16 @@ class BlockMask(eqx.Module):
 def _keepdim(i, n: int, name: str):
     if isinstance(i, int | np.integer):
         if not -n <= i < n:
-            raise IndexError(f"BlockMask {name} index {i} is out of range for size {n}.")
+            raise IndexError(
+                f"BlockMask {name} index {i} is out of range for size {n}."
+            )
         i = int(i) % n
         return slice(i, i + 1)
     if isinstance(i, slice):
         return i
-    raise TypeError(f"BlockMask indices must be ints or slices, got {type(i).__name__}.")
+    raise TypeError(
+        f"BlockMask indices must be ints or slices, got {type(i).__name__}."
+    )
 
 
 _MAX_DRAWN = 32

@@ -34,9 +34,7 @@ def _scalar_indices(n: int) -> tuple[jax.ShapeDtypeStruct, ...]:
     return tuple(jax.ShapeDtypeStruct((), INDEX_DTYPE) for _ in range(n))
 
 
-def _check_output(
-    mod: Callable, out: Any, *, what: str, want_bool: bool
-) -> None:
+def _check_output(mod: Callable, out: Any, *, what: str, want_bool: bool) -> None:
     if not isinstance(out, jax.ShapeDtypeStruct | jax.Array) and not hasattr(
         out, "shape"
     ):
@@ -61,7 +59,8 @@ def _check_output(
 
 
 def index_grid(b: int, h: int, lq: int, lkv: int) -> tuple[jax.Array, ...]:
-    """Broadcastable `(b, h, q_idx, kv_idx)` index arrays of a `(b, h, lq, lkv)` grid."""
+    """Broadcastable `(b, h, q_idx, kv_idx)` index arrays of a `(b, h, lq, lkv)` grid
+    (`b`, `h`, `lq`, `lkv` are sizes)."""
     return tuple(
         jnp.arange(n, dtype=INDEX_DTYPE).reshape(shape)
         for n, shape in (

@@ -86,7 +86,8 @@ class PrefixLM(eqx.Module):
 
 
 def prefix_lm(prefix_length: int) -> PrefixLM:
-    """Prefix-LM: every query sees the first `prefix_length` positions, then causally."""
+    """Prefix-LM: every query sees the first `prefix_length` positions, the rest
+    causally."""
     return PrefixLM(_positive("prefix_length", prefix_length))
 
 
@@ -137,7 +138,7 @@ def document_mask(
 
 
 class Chunked(eqx.Module):
-    """Attend within fixed-size chunks: `q_idx // chunk_size == kv_idx // chunk_size`."""
+    """Attend within fixed-size chunks: `q_idx // size == kv_idx // size`."""
 
     chunk_size: int = eqx.field(static=True)
 

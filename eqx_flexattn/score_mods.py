@@ -96,7 +96,9 @@ class RelativePositionBias(eqx.Module):
         """**Arguments:** `num_heads`, `max_distance`; `table` to set it, otherwise
         zeros, or small random values when `key` is given."""
         if not isinstance(max_distance, int) or max_distance < 1:
-            raise ValueError(f"`max_distance` must be a positive int, got {max_distance!r}.")
+            raise ValueError(
+                f"`max_distance` must be a positive int, got {max_distance!r}."
+            )
         shape = (num_heads, 2 * max_distance - 1)
         if table is None:
             table = (

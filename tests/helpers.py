@@ -40,18 +40,20 @@ def numpy_attention(q, k, v, *, score_fn=None, mask_fn=None, scale=None):
     m = s.max(-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     e = np.where(keep, np.exp(s - m), 0.0)
-    l = e.sum(-1, keepdims=True)
-    out = np.einsum("bhqk,bhkd->bhqd", e / np.where(l > 0, l, 1), v)
+    denom = e.sum(-1, keepdims=True)
+    out = np.einsum("bhqk,bhkd->bhqd", e / np.where(denom > 0, denom, 1), v)
     with np.errstate(divide="ignore"):
-        lse = np.where(l > 0, m + np.log(l), -np.inf)[..., 0]
+        lse = np.where(denom > 0, m + np.log(denom), -np.inf)[..., 0]
     return out, lse
 
 
 def to_f64(tree):
     """Casts every floating leaf of a PyTree to float64."""
     return jax.tree_util.tree_map(
-        lambda x: x.astype(jnp.float64)
-        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
-        else x,
+        lambda x: (
+            x.astype(jnp.float64)
+            if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+            else x
+        ),
         tree,
     )

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import numpy_attention, random_qkv, to_f64
+from helpers import numpy_attention, random_qkv
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
@@ -49,12 +49,22 @@ def test_matches_numpy(backend, shape, getkey):
     slopes = jnp.linspace(0.1, 0.9, hq)
     bm = None
     if mask_mod is not None:
-        bm = fa.create_block_mask(mask_mod, None, hq if per_head else None, lq, lkv, block_size=bs)
+        bm = fa.create_block_mask(
+            mask_mod, None, hq if per_head else None, lq, lkv, block_size=bs
+        )
     out, lse = fa.flex_attention(
-        q, k, v, score_mods.Alibi(slopes), bm,
-        enable_gqa=hq != hkv, return_lse=True, backend=backend,
+        q,
+        k,
+        v,
+        score_mods.Alibi(slopes),
+        bm,
+        enable_gqa=hq != hkv,
+        return_lse=True,
+        backend=backend,
     )
-    want_out, want_lse = numpy_attention(q, k, v, score_fn=np_alibi(slopes), mask_fn=np_mask)
+    want_out, want_lse = numpy_attention(
+        q, k, v, score_fn=np_alibi(slopes), mask_fn=np_mask
+    )
     assert out.shape == (b, hq, lq, dv) and out.dtype == jnp.float64
     assert lse.shape == (b, hq, lq)
     np.testing.assert_allclose(out, want_out, atol=1e-10, rtol=1e-10)
@@ -77,9 +87,14 @@ def test_batch_dependent_mask(backend, getkey):
     q, k, v = random_qkv(getkey(), 2, 2, 2, 24, 24, 8)
     np_ids = np.asarray(ids)
     want = numpy_attention(
-        q, k, v, mask_fn=lambda b, h, qi, kv: (qi >= kv) & (np_ids[b, qi] == np_ids[b, kv])
+        q,
+        k,
+        v,
+        mask_fn=lambda b, h, qi, kv: (qi >= kv) & (np_ids[b, qi] == np_ids[b, kv]),
     )[0]
-    np.testing.assert_allclose(fa.flex_attention(q, k, v, block_mask=bm, backend=backend), want, atol=1e-12)
+    np.testing.assert_allclose(
+        fa.flex_attention(q, k, v, block_mask=bm, backend=backend), want, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -95,7 +110,9 @@ def test_fully_masked_rows(backend, getkey):
     mod = lambda b, h, q, kv: (q % 3 != 1) & (kv <= q)
     bm = fa.create_block_mask(mod, None, None, 24, 24, block_size=8)
     q, k, v = random_qkv(getkey(), 1, 2, 2, 24, 24, 8)
-    out, lse = fa.flex_attention(q, k, v, block_mask=bm, return_lse=True, backend=backend)
+    out, lse = fa.flex_attention(
+        q, k, v, block_mask=bm, return_lse=True, backend=backend
+    )
     rows = np.arange(24) % 3 == 1
     assert not np.isnan(np.asarray(out)).any()
     np.testing.assert_array_equal(np.asarray(out)[:, :, rows], 0.0)
@@ -115,7 +132,9 @@ def test_low_precision(backend, dtype, getkey):
         q, k, v, score_fn=lambda s, *_: 20 * np.tanh(s / 20), mask_fn=np_causal
     )
     tol = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}[dtype]
-    np.testing.assert_allclose(np.asarray(out, np.float64), want_out, atol=tol, rtol=tol)
+    np.testing.assert_allclose(
+        np.asarray(out, np.float64), want_out, atol=tol, rtol=tol
+    )
     np.testing.assert_allclose(lse, want_lse, atol=tol, rtol=tol)
 
 
@@ -128,7 +147,9 @@ def test_closure_over_traced_array(getkey):
         return fa.flex_attention(q, k, v, lambda s, b, h, qi, kv: s + bias[h])
 
     bias = jnp.array([0.5, -1.0])
-    want = numpy_attention(q, k, v, score_fn=lambda s, b, h, *_: s + np.asarray(bias)[h])[0]
+    want = numpy_attention(
+        q, k, v, score_fn=lambda s, b, h, *_: s + np.asarray(bias)[h]
+    )[0]
     np.testing.assert_allclose(f(q, k, v, bias), want, atol=1e-12)
 
 
@@ -157,7 +178,10 @@ def test_document_ids_do_not_retrace(getkey):
         out = f(q, k, v, ids)
         np_ids = np.asarray(ids)
         want = numpy_attention(
-            q, k, v, mask_fn=lambda b, h, qi, kv: (qi >= kv) & (np_ids[qi] == np_ids[kv])
+            q,
+            k,
+            v,
+            mask_fn=lambda b, h, qi, kv: (qi >= kv) & (np_ids[qi] == np_ids[kv]),
         )[0]
         np.testing.assert_allclose(out, want, atol=1e-12)
     assert len(traces) == 1
@@ -212,7 +236,10 @@ def test_error_mismatched_dims():
 
 def test_error_heads():
     q, k, v = _qkv(hq=4, hkv=2)
-    with pytest.raises(ValueError, match=r"Hq=4 heads but `key`/`value` have Hkv=2: set enable_gqa=True"):
+    with pytest.raises(
+        ValueError,
+        match=r"Hq=4 heads but `key`/`value` have Hkv=2: set enable_gqa=True",
+    ):
         fa.flex_attention(q, k, v)
     q, k, v = _qkv(hq=3, hkv=2)
     with pytest.raises(ValueError, match="Hq=3 must be a multiple of .* Hkv=2"):
@@ -222,7 +249,9 @@ def test_error_heads():
 def test_error_block_mask_lengths():
     q, k, v = _qkv(lq=8, lkv=8)
     bm = fa.create_block_mask(masks.causal_mask, None, None, 16, 8, block_size=4)
-    with pytest.raises(ValueError, match=r"built for \(Lq, Lkv\)=\(16, 8\).*Lq=8, Lkv=8.*adjust"):
+    with pytest.raises(
+        ValueError, match=r"built for \(Lq, Lkv\)=\(16, 8\).*Lq=8, Lkv=8.*adjust"
+    ):
         fa.flex_attention(q, k, v, block_mask=bm)
     bm = fa.create_block_mask(masks.causal_mask, 3, None, 8, 8, block_size=4)
     with pytest.raises(ValueError, match=r"shape \(3, 1, 8, 8\).*B=1, Hq=2"):
@@ -233,7 +262,10 @@ def test_error_block_mask_lengths():
 
 def test_error_score_mod_output():
     q, k, v = _qkv()
-    with pytest.raises(TypeError, match="score_mod .* must return a floating-point score, got dtype bool"):
+    with pytest.raises(
+        TypeError,
+        match="score_mod .* must return a floating-point score, got dtype bool",
+    ):
         fa.flex_attention(q, k, v, lambda s, b, h, qi, kv: s > 0)
     table = jnp.zeros((2, 8))
     with pytest.raises(ValueError, match=r"score_mod .* returned shape \(8,\)"):
@@ -246,7 +278,10 @@ def test_error_options():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="Unknown backend 'cuda'"):
         fa.flex_attention(q, k, v, backend="cuda")
-    with pytest.raises(ValueError, match=r"kernel_options \['BLOCK_M'\] are not understood by the 'xla' backend"):
+    with pytest.raises(
+        ValueError,
+        match=r"kernel_options \['BLOCK_M'\] are not understood by the 'xla' backend",
+    ):
         fa.flex_attention(q, k, v, backend="xla", kernel_options={"BLOCK_M": 64})
     with pytest.raises(TypeError, match="scale"):
         fa.flex_attention(q, k, v, scale="big")

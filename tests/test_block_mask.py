@@ -82,7 +82,9 @@ def test_create_mask_values():
 def test_jittable_and_data_leaves():
     ids = jnp.array([0, 0, 1, 1, 1, 2, 2, 2])
     build = jax.jit(
-        lambda ids: fa.create_block_mask(masks.document_mask(ids), None, None, 8, 8, block_size=2)
+        lambda ids: fa.create_block_mask(
+            masks.document_mask(ids), None, None, 8, 8, block_size=2
+        )
     )
     bm1 = build(ids)
     bm2 = build(jnp.array([0, 0, 0, 0, 1, 1, 1, 1]))
@@ -96,7 +98,9 @@ def test_jittable_and_data_leaves():
 def test_passes_plain_jit_vmap_scan():
     ids = jnp.array([[0, 0, 1, 1], [0, 1, 1, 1]])
     bms = jax.vmap(
-        lambda i: fa.create_block_mask(masks.document_mask(i), None, None, 4, 4, block_size=2)
+        lambda i: fa.create_block_mask(
+            masks.document_mask(i), None, None, 4, 4, block_size=2
+        )
     )(ids)
     assert bms.kv_num_blocks.shape == (2, 1, 1, 2)
 
@@ -137,7 +141,9 @@ def test_sparsity_getitem_repr():
         bm[2]
     with pytest.raises(IndexError, match="batch and head"):
         bm[0, 0, 0]
-    text = repr(fa.create_block_mask(masks.causal_mask, None, None, 32, 32, block_size=8))
+    text = repr(
+        fa.create_block_mask(masks.causal_mask, None, None, 32, 32, block_size=8)
+    )
     assert "sparsity=37.50%" in text
     assert text.splitlines()[2:6] == ["░░", "██░░", "████░░", "██████░░"]
 
@@ -151,7 +157,9 @@ def test_repr_downsamples_large_masks():
 def test_repr_under_jit_does_not_fail():
     @jax.jit
     def f(ids):
-        bm = fa.create_block_mask(masks.document_mask(ids), None, None, 4, 4, block_size=2)
+        bm = fa.create_block_mask(
+            masks.document_mask(ids), None, None, 4, 4, block_size=2
+        )
         assert repr(bm).startswith("BlockMask(shape=(1, 1, 4, 4)")
         return bm.kv_num_blocks
 
@@ -167,7 +175,10 @@ def test_adjust_matches_fresh_mask():
     # Cropping keeps every block of the fresh mask (it may keep a few more: blocks
     # cut by the new lengths are not re-evaluated), and attends identically.
     assert np.all(np.asarray(small.to_dense()) >= np.asarray(fresh.to_dense()))
-    q, k, v = (jax.random.normal(jax.random.key(i), (1, 1, n, 8)) for i, n in enumerate((50, 41, 41)))
+    q, k, v = (
+        jax.random.normal(jax.random.key(i), (1, 1, n, 8))
+        for i, n in enumerate((50, 41, 41))
+    )
     np.testing.assert_allclose(
         fa.flex_attention(q, k, v, block_mask=small, backend="xla"),
         fa.flex_attention(q, k, v, block_mask=fresh, backend="xla"),

@@ -20,11 +20,20 @@ def loss_fn(backend, block_mask, enable_gqa=False):
 
     def loss(q, k, v, mod):
         out, lse = fa.flex_attention(
-            q, k, v, mod, block_mask, enable_gqa=enable_gqa, return_lse=True, backend=backend
+            q,
+            k,
+            v,
+            mod,
+            block_mask,
+            enable_gqa=enable_gqa,
+            return_lse=True,
+            backend=backend,
         )
         w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
         finite = jnp.isfinite(lse)
-        return jnp.sum(w.astype(lse.dtype) * out.astype(lse.dtype)) + 0.3 * jnp.sum(jnp.where(finite, lse, 0.0) ** 2)
+        return jnp.sum(w.astype(lse.dtype) * out.astype(lse.dtype)) + 0.3 * jnp.sum(
+            jnp.where(finite, lse, 0.0) ** 2
+        )
 
     return loss
 
@@ -39,10 +48,13 @@ def finite_difference_check(f, args, key, eps=1e-6, rtol=1e-6):
     )
     g = eqx.filter_grad(lambda p: f(*eqx.combine(p, static)))(params)
     directional = sum(
-        jnp.vdot(a, b) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(u))
+        jnp.vdot(a, b)
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(u))
     )
     shift = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * d, params, u)
-    numeric = (f(*eqx.combine(shift(eps), static)) - f(*eqx.combine(shift(-eps), static))) / (2 * eps)
+    numeric = (
+        f(*eqx.combine(shift(eps), static)) - f(*eqx.combine(shift(-eps), static))
+    ) / (2 * eps)
     np.testing.assert_allclose(directional, numeric, rtol=rtol, atol=1e-7)
 
 
@@ -71,7 +83,9 @@ def test_matches_reference_gradients(backend, mod_name, getkey):
     """GQA, ragged lengths, per-head mask with fully masked rows, every mod."""
     b, hq, hkv, lq, lkv = 2, 4, 2, 30, 45
     q, k, v = random_qkv(getkey(), b, hq, hkv, lq, lkv, 8, 4)
-    mod_mask = lambda bb, h, qi, kv: (jnp.abs(qi - kv) <= 6 + 5 * h) & ((qi + h) % 5 != 0)
+    mod_mask = lambda bb, h, qi, kv: (
+        (jnp.abs(qi - kv) <= 6 + 5 * h) & ((qi + h) % 5 != 0)
+    )
     bm = fa.create_block_mask(mod_mask, None, hq, lq, lkv, block_size=(8, 16))
     mod = to_f64(MODS[mod_name](getkey(), hq))
     args = (q, k, v, mod)
@@ -81,7 +95,10 @@ def test_matches_reference_gradients(backend, mod_name, getkey):
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, w, atol=1e-10, rtol=1e-9)
     # The parameters really are learned: their gradient is not zero.
-    assert any(np.abs(x).max() > 1e-3 for x in jax.tree_util.tree_leaves(eqx.filter(got[3], eqx.is_inexact_array)))
+    assert any(
+        np.abs(x).max() > 1e-3
+        for x in jax.tree_util.tree_leaves(eqx.filter(got[3], eqx.is_inexact_array))
+    )
 
 
 @pytest.mark.parametrize("backend", list(BACKENDS))
@@ -97,7 +114,9 @@ def test_closure_captured_array_gets_gradient(backend, getkey):
     eps = 1e-6
     for i in range(2):
         e = jnp.zeros(2).at[i].set(eps)
-        np.testing.assert_allclose(g[i], (loss(bias + e) - loss(bias - e)) / (2 * eps), rtol=1e-6)
+        np.testing.assert_allclose(
+            g[i], (loss(bias + e) - loss(bias - e)) / (2 * eps), rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -132,8 +151,12 @@ def test_low_precision_gradients(dtype, getkey):
     alibi = score_mods.generate_alibi_bias(2)
     got = jax.grad(loss_fn("xla", bm), argnums=(0, 1, 2, 3))(q, k, v, alibi)
     up = lambda x: x.astype(jnp.float64)
-    want = jax.grad(loss_fn("reference", bm), argnums=(0, 1, 2, 3))(up(q), up(k), up(v), to_f64(alibi))
+    want = jax.grad(loss_fn("reference", bm), argnums=(0, 1, 2, 3))(
+        up(q), up(k), up(v), to_f64(alibi)
+    )
     tol = 1e-4 if dtype == jnp.float32 else 5e-2
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert g.dtype == dtype or g.dtype == jnp.float32
-        np.testing.assert_allclose(np.asarray(g, np.float64), w, atol=tol * np.abs(w).max(), rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float64), w, atol=tol * np.abs(w).max(), rtol=0
+        )

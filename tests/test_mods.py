@@ -18,9 +18,15 @@ B_IDS = np.stack([IDS, np.repeat(np.arange(2), 20)])
 
 MASKS = {
     "causal": (masks.causal_mask, lambda b, q, kv: q >= kv),
-    "sliding_window": (masks.sliding_window(5), lambda b, q, kv: (q >= kv) & (q - kv <= 5)),
+    "sliding_window": (
+        masks.sliding_window(5),
+        lambda b, q, kv: (q >= kv) & (q - kv <= 5),
+    ),
     "prefix_lm": (masks.prefix_lm(9), lambda b, q, kv: (kv < 9) | (q >= kv)),
-    "document": (masks.document_mask(jnp.asarray(IDS)), lambda b, q, kv: IDS[q] == IDS[kv]),
+    "document": (
+        masks.document_mask(jnp.asarray(IDS)),
+        lambda b, q, kv: IDS[q] == IDS[kv],
+    ),
     "document_batched": (
         masks.document_mask(jnp.asarray(B_IDS)),
         lambda b, q, kv: B_IDS[b, q] == B_IDS[b, kv],
@@ -32,7 +38,9 @@ MASKS = {
     ),
     "neighborhood_2d": (
         masks.neighborhood_2d(8, 1),
-        lambda b, q, kv: (np.abs(q // 8 - kv // 8) <= 1) & (np.abs(q % 8 - kv % 8) <= 1),
+        lambda b, q, kv: (
+            (np.abs(q // 8 - kv // 8) <= 1) & (np.abs(q % 8 - kv % 8) <= 1)
+        ),
     ),
 }
 
@@ -42,7 +50,9 @@ def test_masks(name):
     mod, np_fn = MASKS[name]
     dense = np.asarray(fa.create_mask(mod, 2, 1, L, L))
     b, q, kv = np.ogrid[:2, :L, :L]
-    np.testing.assert_array_equal(dense[:, 0], np.broadcast_to(np_fn(b, q, kv), (2, L, L)))
+    np.testing.assert_array_equal(
+        dense[:, 0], np.broadcast_to(np_fn(b, q, kv), (2, L, L))
+    )
 
 
 def test_masks_reject_bad_parameters():
@@ -68,7 +78,9 @@ def t5_bucket_reference(rel, num_buckets, max_distance, bidirectional):
     if n < max_exact:
         return ret + n
     val = max_exact + int(
-        math.log(n / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+        math.log(n / max_exact)
+        / math.log(max_distance / max_exact)
+        * (num_buckets - max_exact)
     )
     return ret + min(val, num_buckets - 1)
 
@@ -91,7 +103,10 @@ def _score_cases(key):
     slopes = np.array([0.5, 0.25, 0.125])
     bucket = np.vectorize(t5_bucket_reference)
     return {
-        "alibi": (score_mods.Alibi(jnp.asarray(slopes)), lambda s, h, q, kv: s + slopes[h] * (kv - q)),
+        "alibi": (
+            score_mods.Alibi(jnp.asarray(slopes)),
+            lambda s, h, q, kv: s + slopes[h] * (kv - q),
+        ),
         "softcap": (score_mods.SoftCap(3.0), lambda s, h, q, kv: 3 * np.tanh(s / 3)),
         "relative_bias": (
             rpb,
@@ -99,11 +114,15 @@ def _score_cases(key):
         ),
         "t5": (
             t5,
-            lambda s, h, q, kv: s + np.asarray(t5.table)[h, bucket(kv - q, 16, 30, True)],
+            lambda s, h, q, kv: (
+                s + np.asarray(t5.table)[h, bucket(kv - q, 16, 30, True)]
+            ),
         ),
         "t5_unidirectional": (
             t5_uni,
-            lambda s, h, q, kv: s + np.asarray(t5_uni.table)[h, bucket(kv - q, 8, 30, False)],
+            lambda s, h, q, kv: (
+                s + np.asarray(t5_uni.table)[h, bucket(kv - q, 8, 30, False)]
+            ),
         ),
         "head_bias": (
             score_mods.HeadBias(jnp.asarray(slopes)),
@@ -114,7 +133,9 @@ def _score_cases(key):
             lambda s, h, q, kv: np.where(np.abs(q - kv) % 2 == 0, s, s / 2),
         ),
         "composed": (
-            score_mods.compose(score_mods.Alibi(jnp.asarray(slopes)), score_mods.SoftCap(3.0)),
+            score_mods.compose(
+                score_mods.Alibi(jnp.asarray(slopes)), score_mods.SoftCap(3.0)
+            ),
             lambda s, h, q, kv: 3 * np.tanh((s + slopes[h] * (kv - q)) / 3),
         ),
     }
@@ -122,12 +143,23 @@ def _score_cases(key):
 
 @pytest.mark.parametrize(
     "name",
-    ["alibi", "softcap", "relative_bias", "t5", "t5_unidirectional", "head_bias", "checkerboard", "composed"],
+    [
+        "alibi",
+        "softcap",
+        "relative_bias",
+        "t5",
+        "t5_unidirectional",
+        "head_bias",
+        "checkerboard",
+        "composed",
+    ],
 )
 def test_score_mods_in_attention(name, getkey):
     mod, np_fn = _score_cases(getkey())[name]
     q, k, v = random_qkv(getkey(), 1, 3, 3, 50, 50, 8)
-    want = numpy_attention(q, k, v, score_fn=lambda s, b, h, qi, kv: np_fn(s, h, qi, kv))[0]
+    want = numpy_attention(
+        q, k, v, score_fn=lambda s, b, h, qi, kv: np_fn(s, h, qi, kv)
+    )[0]
     got = fa.flex_attention(q, k, v, mod, backend="reference")
     np.testing.assert_allclose(got, want, atol=1e-12)
 

@@ -40,8 +40,9 @@ SCORE_MODS = {
             score_mods.Alibi(jnp.array([0.5, 0.25, 0.125, 0.0625], jnp.float64)),
             score_mods.SoftCap(4.0),
         ),
-        lambda s, b, h, q, kv: 4
-        * np.tanh((s + np.array([0.5, 0.25, 0.125, 0.0625])[h] * (kv - q)) / 4),
+        lambda s, b, h, q, kv: (
+            4 * np.tanh((s + np.array([0.5, 0.25, 0.125, 0.0625])[h] * (kv - q)) / 4)
+        ),
     ),
 }
 
@@ -66,13 +67,22 @@ problems = st.fixed_dictionaries(
 def _setup(p):
     hq = p["hkv"] * p["groups"]
     q, k, v = random_qkv(
-        jax.random.key(p["seed"]), p["b"], hq, p["hkv"], p["lq"], p["lkv"], p["d"], p["dv"]
+        jax.random.key(p["seed"]),
+        p["b"],
+        hq,
+        p["hkv"],
+        p["lq"],
+        p["lkv"],
+        p["d"],
+        p["dv"],
     )
     mask_mod, np_mask = MASKS[p["mask"]]
     bm = None
     if mask_mod is not None:
         heads = hq if p["mask"] == "per_head" else None
-        bm = fa.create_block_mask(mask_mod, None, heads, p["lq"], p["lkv"], block_size=p["block"])
+        bm = fa.create_block_mask(
+            mask_mod, None, heads, p["lq"], p["lkv"], block_size=p["block"]
+        )
     score_mod, np_score = SCORE_MODS[p["score"]]
     return q, k, v, bm, score_mod, np_mask, np_score
 

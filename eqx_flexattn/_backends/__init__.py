@@ -25,8 +25,7 @@ def select_backend(
     if name != "auto":
         if name not in BACKENDS:
             raise ValueError(
-                f"Unknown backend {name!r}; choose 'auto' or one of "
-                f"{sorted(BACKENDS)}."
+                f"Unknown backend {name!r}; choose 'auto' or one of {sorted(BACKENDS)}."
             )
         backend = BACKENDS[name]
         backend.check(problem)

@@ -47,10 +47,10 @@ class ReferenceBackend(AbstractBackend):
         m = jnp.max(jnp.where(keep, s, -jnp.inf), axis=-1, keepdims=True)
         m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
         e = jnp.where(keep, jnp.exp(jnp.where(keep, s, m) - m), 0.0)
-        l = jnp.sum(e, axis=-1, keepdims=True)
-        nonempty = l > 0
-        l_safe = jnp.where(nonempty, l, 1.0)
-        probs = (e / l_safe).reshape(b, hkv, g, lq, lkv)
+        denom = jnp.sum(e, axis=-1, keepdims=True)
+        nonempty = denom > 0
+        denom_safe = jnp.where(nonempty, denom, 1.0)
+        probs = (e / denom_safe).reshape(b, hkv, g, lq, lkv)
         out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v.astype(acc))
-        lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)[..., 0]
+        lse = jnp.where(nonempty, m + jnp.log(denom_safe), -jnp.inf)[..., 0]
         return out.reshape(b, hq, lq, dv).astype(q.dtype), lse

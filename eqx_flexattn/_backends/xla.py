@@ -107,7 +107,9 @@ class _Tile(NamedTuple):
 
 def _tile_indices(lay: _Layout, q_pos: Array, kv_pos: Array) -> _Tile:
     b = jnp.arange(lay.b, dtype=INDEX_DTYPE).reshape(lay.b, 1, 1, 1, 1, 1)
-    h = jnp.arange(lay.hkv * lay.g, dtype=INDEX_DTYPE).reshape(1, lay.hkv, lay.g, 1, 1, 1)
+    h = jnp.arange(lay.hkv * lay.g, dtype=INDEX_DTYPE).reshape(
+        1, lay.hkv, lay.g, 1, 1, 1
+    )
     return _Tile(b, h, q_pos[..., :, None], kv_pos[..., None, :])
 
 
@@ -184,7 +186,7 @@ def _forward(problem: AttentionProblem) -> tuple[Array, Array]:
 
     def body_for(num, idx, apply_mask):
         def body(j, carry):
-            m, l, o = carry
+            m, denom, o = carry
             blk = idx[..., j]
             t = _tile_indices(lay, q_pos, block_positions(blk, lay.bkv))
             s = _scores(problem, lay, t, qb, _take(kb, blk, False))
@@ -198,15 +200,15 @@ def _forward(problem: AttentionProblem) -> tuple[Array, Array]:
             pv = jnp.einsum(
                 "...qk,...kd->...qd", p.astype(vt.dtype), vt, preferred_element_type=acc
             )
-            return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * o + pv
+            return m_new, alpha * denom + jnp.sum(p, axis=-1), alpha[..., None] * o + pv
 
         return body
 
-    m, l, o = _for_each_list(problem, lay, "kv", body_for, init)
-    nonempty = l > 0
-    l_safe = jnp.where(nonempty, l, 1.0)
-    out = o / l_safe[..., None]
-    lse = jnp.where(nonempty, m + jnp.log(l_safe), -jnp.inf)
+    m, denom, o = _for_each_list(problem, lay, "kv", body_for, init)
+    nonempty = denom > 0
+    denom_safe = jnp.where(nonempty, denom, 1.0)
+    out = o / denom_safe[..., None]
+    lse = jnp.where(nonempty, m + jnp.log(denom_safe), -jnp.inf)
     b, hq, lq, _ = problem.q.shape
     out = _ungroup(out).reshape(b, hq, -1, out.shape[-1])[:, :, :lq]
     lse = _ungroup(lse).reshape(b, hq, -1)[:, :, :lq]
@@ -250,7 +252,10 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
                 keep = _keep(problem, lay, t, j < num, apply_mask)
                 _, ds, _ = probs_and_ds(t, qb, kt, vt, dob, lseb, deltab, keep, False)
                 return dq + jnp.einsum(
-                    "...qk,...kd->...qd", ds.astype(kt.dtype), kt, preferred_element_type=acc
+                    "...qk,...kd->...qd",
+                    ds.astype(kt.dtype),
+                    kt,
+                    preferred_element_type=acc,
                 )
 
             return body
@@ -287,10 +292,16 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
                     t, qt, kbg, vbg, dot, lset, deltat, keep, need_dmod
                 )
                 dv = dv + jnp.einsum(
-                    "...qk,...qd->...kd", p.astype(dot.dtype), dot, preferred_element_type=acc
+                    "...qk,...qd->...kd",
+                    p.astype(dot.dtype),
+                    dot,
+                    preferred_element_type=acc,
                 )
                 dk = dk + jnp.einsum(
-                    "...qk,...qd->...kd", ds.astype(qt.dtype), qt, preferred_element_type=acc
+                    "...qk,...qd->...kd",
+                    ds.astype(qt.dtype),
+                    qt,
+                    preferred_element_type=acc,
                 )
                 if need_dmod:
                     dmod = jax.tree_util.tree_map(jnp.add, dmod, dmod_j)
@@ -335,4 +346,3 @@ class XlaBackend(AbstractBackend):
             need_dmod=need_mod,
         )
         return grads_like(problem, dq, dk, dv, dmod)
-
