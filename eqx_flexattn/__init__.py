@@ -16,7 +16,7 @@ else:
     _hook = _contextlib.nullcontext()
 
 with _hook:
-    from . import masks as masks, score_mods as score_mods
+    from . import masks as masks, nn as nn, score_mods as score_mods
     from ._attention import (
         explain_backend as explain_backend,
         flex_attention as flex_attention,

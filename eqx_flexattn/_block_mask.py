@@ -74,6 +74,8 @@ def _check_callables(mods, name):
 
 
 def _mod_name(mod) -> str:
+    if isinstance(mod, _CombinedMask):
+        return repr(mod)
     if isinstance(mod, eqx.Module):
         return type(mod).__name__
     return getattr(mod, "__name__", type(mod).__name__)

@@ -64,7 +64,7 @@ class SoftCap(eqx.Module):
 
     cap: float = eqx.field(static=True)
 
-    def __init__(self, cap: float):
+    def __init__(self, cap: float | int):
         if not cap > 0:
             raise ValueError(f"`cap` must be positive, got {cap!r}.")
         self.cap = float(cap)
