@@ -2,8 +2,10 @@ import jax
 import pytest
 
 
-# Tests compare against float64 oracles.
+# Tests compare against float64 oracles. float32 matmuls at full precision: on GPUs
+# JAX's default precision for them is TF32.
 jax.config.update("jax_enable_x64", True)
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture
