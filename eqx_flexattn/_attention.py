@@ -44,8 +44,8 @@ def _check_inputs(q, k, v, enable_gqa: bool) -> None:
         )
     if q.dtype not in _DTYPES:
         raise TypeError(
-            f"Unsupported dtype {q.dtype}: flex_attention takes float16, bfloat16, "
-            "float32 or float64 inputs."
+            f"`query`, `key` and `value` have dtype {q.dtype}: flex_attention takes "
+            "float16, bfloat16, float32 or float64 inputs."
         )
     if not (q.shape[0] == k.shape[0] == v.shape[0]):
         raise ValueError(
@@ -239,10 +239,6 @@ def flex_attention(
         out = fa.flex_attention(q, k, v, score_mod=alibi, block_mask=bm)
         ```
     """
-    # Check everything that can fail before compiling anything.
-    _problem(
-        query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
-    )
     out, lse = _run(
         query,
         key,
@@ -274,9 +270,9 @@ def _run(query, key, value, score_mod, block_mask, scale, enable_gqa, backend, o
 
 
 def explain_backend(
-    query: Float[Array, "b hq lq d"],
-    key: Float[Array, "b hkv lkv d"],
-    value: Float[Array, "b hkv lkv dv"],
+    query: Float[Array, "b hq lq d"] | jax.ShapeDtypeStruct,
+    key: Float[Array, "b hkv lkv d"] | jax.ShapeDtypeStruct,
+    value: Float[Array, "b hkv lkv dv"] | jax.ShapeDtypeStruct,
     score_mod: Callable | None = None,
     block_mask: BlockMask | None = None,
     *,
@@ -287,12 +283,18 @@ def explain_backend(
 ) -> str:
     """Which backend `flex_attention` would run with these arguments, and why.
 
-    Takes the arguments of [`flex_attention`][eqx_flexattn.flex_attention] (arrays or
-    `jax.ShapeDtypeStruct`-like arrays) and computes nothing.
+    Takes the arguments of [`flex_attention`][eqx_flexattn.flex_attention]; `query`,
+    `key` and `value` may be `jax.ShapeDtypeStruct`s. Computes nothing.
     """
-    problem = _problem(
-        query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
-    )
-    impl, reasons = select_backend(backend, problem)
+    found = []
+
+    def choose(q, k, v):
+        problem = _problem(
+            q, k, v, score_mod, block_mask, scale, enable_gqa, kernel_options
+        )
+        found.append(select_backend(backend, problem))
+
+    jax.eval_shape(choose, query, key, value)
+    impl, reasons = found[0]
     lines = [f"backend: {impl.name}"] + [f"declined: {r}" for r in reasons]
     return "\n".join(lines)

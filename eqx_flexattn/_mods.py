@@ -94,42 +94,37 @@ class ScalarMod(eqx.Module):
         return jnp.broadcast_to(out, jnp.broadcast_shapes(*map(jnp.shape, args)))
 
 
-def convert_score_mod(score_mod: Callable, score_dtype) -> ScalarMod:
-    """Closure-converts `score_mod` for scores of `score_dtype`, checking its output."""
-    if not callable(score_mod):
-        raise TypeError(
-            f"`score_mod` must be callable, got {type(score_mod).__name__}."
-        )
-    score_dtype = jnp.dtype(score_dtype)
-    args = (jax.ShapeDtypeStruct((), score_dtype), *_scalar_indices(4))
+def _checked_shape(mod: Callable, args: tuple, what: str, signature: str):
+    """The output of `mod` on scalar `args`, validated: a scalar bool (mask mods) or
+    float (score mods)."""
+    if not callable(mod):
+        raise TypeError(f"`{what}` must be callable, got {type(mod).__name__}.")
     try:
-        out = eqx.filter_eval_shape(score_mod, *args)
+        out = eqx.filter_eval_shape(mod, *args)
     except TypeError as e:
         raise TypeError(
-            f"score_mod {_describe(score_mod)} could not be called as "
-            f"`score_mod(score, b, h, q_idx, kv_idx)`: {e}"
+            f"{what} {_describe(mod)} could not be called as `{signature}`: {e}"
         ) from e
-    _check_output(score_mod, out, what="score_mod", want_bool=False)
+    _check_output(mod, out, what=what, want_bool=what == "mask_mod")
+    return out
 
+
+def convert_score_mod(score_mod: Callable, score_dtype) -> ScalarMod:
+    """Closure-converts `score_mod` for scores of `score_dtype`, checking its output."""
+    score_dtype = jnp.dtype(score_dtype)
+    args = (jax.ShapeDtypeStruct((), score_dtype), *_scalar_indices(4))
+    _checked_shape(
+        score_mod, args, "score_mod", "score_mod(score, b, h, q_idx, kv_idx)"
+    )
     fn = eqx.filter_closure_convert(_CastOutput(score_mod, score_dtype), *args)
     return ScalarMod(fn, "score", score_dtype)
 
 
 def convert_mask_mod(mask_mod: Callable) -> ScalarMod:
     """Closure-converts `mask_mod`, checking that it returns a scalar bool."""
-    if not callable(mask_mod):
-        raise TypeError(f"`mask_mod` must be callable, got {type(mask_mod).__name__}.")
     args = _scalar_indices(4)
-    try:
-        out = eqx.filter_eval_shape(mask_mod, *args)
-    except TypeError as e:
-        raise TypeError(
-            f"mask_mod {_describe(mask_mod)} could not be called as "
-            f"`mask_mod(b, h, q_idx, kv_idx)`: {e}"
-        ) from e
-    _check_output(mask_mod, out, what="mask_mod", want_bool=True)
-    fn = eqx.filter_closure_convert(mask_mod, *args)
-    return ScalarMod(fn, "mask")
+    _checked_shape(mask_mod, args, "mask_mod", "mask_mod(b, h, q_idx, kv_idx)")
+    return ScalarMod(eqx.filter_closure_convert(mask_mod, *args), "mask")
 
 
 class _CastOutput(eqx.Module):

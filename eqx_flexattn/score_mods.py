@@ -73,6 +73,18 @@ class SoftCap(eqx.Module):
         return self.cap * jnp.tanh(score / self.cap)
 
 
+def _bias_table(shape, table, key, dtype) -> Array:
+    """`table` if given (checked against `shape`), else zeros, or small random values
+    when `key` is given."""
+    if table is None:
+        if key is None:
+            return jnp.zeros(shape, dtype)
+        return 0.02 * jax.random.normal(key, shape, dtype)
+    if table.shape != shape:
+        raise ValueError(f"`table` must have shape {shape}, got {table.shape}.")
+    return table
+
+
 class RelativePositionBias(eqx.Module):
     """Learnable relative-position bias `score + table[h, clip(kv_idx - q_idx)]`.
 
@@ -99,16 +111,7 @@ class RelativePositionBias(eqx.Module):
             raise ValueError(
                 f"`max_distance` must be a positive int, got {max_distance!r}."
             )
-        shape = (num_heads, 2 * max_distance - 1)
-        if table is None:
-            table = (
-                jnp.zeros(shape, dtype)
-                if key is None
-                else 0.02 * jax.random.normal(key, shape, dtype)
-            )
-        if table.shape != shape:
-            raise ValueError(f"`table` must have shape {shape}, got {table.shape}.")
-        self.table = table
+        self.table = _bias_table((num_heads, 2 * max_distance - 1), table, key, dtype)
         self.max_distance = max_distance
 
     def __call__(self, score, b, h, q_idx, kv_idx):
@@ -162,16 +165,7 @@ class T5RelativeBias(eqx.Module):
         table: Float[Array, "heads buckets"] | None = None,
         dtype=jnp.float32,
     ):
-        shape = (num_heads, num_buckets)
-        if table is None:
-            table = (
-                jnp.zeros(shape, dtype)
-                if key is None
-                else 0.02 * jax.random.normal(key, shape, dtype)
-            )
-        if table.shape != shape:
-            raise ValueError(f"`table` must have shape {shape}, got {table.shape}.")
-        self.table = table
+        self.table = _bias_table((num_heads, num_buckets), table, key, dtype)
         self.num_buckets = num_buckets
         self.max_distance = max_distance
         self.bidirectional = bidirectional

@@ -157,6 +157,10 @@ def test_auto_backend_and_explain(getkey):
     q, k, v = random_qkv(getkey(), 1, 1, 1, 8, 8, 4)
     text = fa.explain_backend(q, k, v)
     assert text.splitlines()[0] == "backend: xla"
+    shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
+    assert fa.explain_backend(*shapes) == text
+    with pytest.raises(ValueError, match="Unknown backend 'tpu'"):
+        fa.explain_backend(*shapes, backend="tpu")
     np.testing.assert_allclose(
         fa.flex_attention(q, k, v), fa.flex_attention(q, k, v, backend="xla")
     )
