@@ -14,6 +14,7 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._backends import AbstractBackend, AttentionProblem, select_backend
+from ._backends._base import accumulator_dtype
 from ._block_mask import BlockMask, noop_mask
 from ._mods import convert_mask_mod, convert_score_mod, INDEX_DTYPE
 
@@ -171,7 +172,7 @@ def _problem(
         block_mask = full_block_mask(lq, lkv)
     else:
         _check_block_mask(block_mask, b, hq, lq, lkv)
-    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    acc = accumulator_dtype(q.dtype)
     return AttentionProblem(
         q=q,
         k=k,
@@ -185,9 +186,9 @@ def _problem(
 
 
 def flex_attention(
-    query: Float[Array, "b hq lq d"],
-    key: Float[Array, "b hkv lkv d"],
-    value: Float[Array, "b hkv lkv dv"],
+    query: Float[Array | np.ndarray, "b hq lq d"],
+    key: Float[Array | np.ndarray, "b hkv lkv d"],
+    value: Float[Array | np.ndarray, "b hkv lkv dv"],
     score_mod: Callable | None = None,
     block_mask: BlockMask | None = None,
     *,
@@ -229,6 +230,10 @@ def flex_attention(
     `return_lse=True`, also `lse (B, Hq, Lq)` in float32 (float64 for float64
     inputs). Fully masked rows give output 0 and lse `-inf`.
 
+    Call it inside `jax.jit` (or `eqx.filter_jit`); outside, JAX runs it op by op.
+    It is differentiable in reverse mode (`jax.grad`); the kernel backends define a
+    `custom_vjp`, so forward mode (`jax.jvp`) needs `backend="reference"`.
+
     !!! Example
 
         ```python
@@ -239,40 +244,21 @@ def flex_attention(
         out = fa.flex_attention(q, k, v, score_mod=alibi, block_mask=bm)
         ```
     """
-    out, lse = _run(
-        query,
-        key,
-        value,
-        score_mod,
-        block_mask,
-        scale,
-        enable_gqa,
-        backend,
-        _check_kernel_options(kernel_options),
-    )
-    return (out, lse) if return_lse else out
-
-
-@eqx.filter_jit
-def _run(query, key, value, score_mod, block_mask, scale, enable_gqa, backend, options):
-    """Compiled once per shape, mod structure and settings, also when called eagerly.
-
-    The arrays of the mods and the block mask are traced arguments: new values (ALiBi
-    slopes, document ids) never recompile.
-    """
     problem = _problem(
-        query, key, value, score_mod, block_mask, scale, enable_gqa, dict(options)
+        query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
     impl, _ = select_backend(backend, problem)
     if impl.differentiable:
-        return impl.forward(problem)
-    return _fused(problem, impl)
+        out, lse = impl.forward(problem)
+    else:
+        out, lse = _fused(problem, impl)
+    return (out, lse) if return_lse else out
 
 
 def explain_backend(
-    query: Float[Array, "b hq lq d"] | jax.ShapeDtypeStruct,
-    key: Float[Array, "b hkv lkv d"] | jax.ShapeDtypeStruct,
-    value: Float[Array, "b hkv lkv dv"] | jax.ShapeDtypeStruct,
+    query: Float[Array | np.ndarray, "b hq lq d"] | jax.ShapeDtypeStruct,
+    key: Float[Array | np.ndarray, "b hkv lkv d"] | jax.ShapeDtypeStruct,
+    value: Float[Array | np.ndarray, "b hkv lkv dv"] | jax.ShapeDtypeStruct,
     score_mod: Callable | None = None,
     block_mask: BlockMask | None = None,
     *,

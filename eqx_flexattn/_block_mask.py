@@ -12,7 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Bool, Int
 
-from ._mods import convert_mask_mod, INDEX_DTYPE, index_grid
+from ._mods import (
+    closes_over_arrays,
+    convert_mask_mod,
+    INDEX_DTYPE,
+    index_grid,
+    ScalarMod,
+)
 
 
 # Elements of the mask evaluated at once by `create_block_mask`: 2**24 bools is
@@ -76,6 +82,8 @@ def _check_callables(mods, name):
 def _mod_name(mod) -> str:
     if isinstance(mod, _CombinedMask):
         return repr(mod)
+    if isinstance(mod, ScalarMod):
+        return mod.name
     if isinstance(mod, eqx.Module):
         return type(mod).__name__
     return getattr(mod, "__name__", type(mod).__name__)
@@ -119,6 +127,11 @@ def _indices_to_dense(num: Array, indices: Array, n: int) -> Bool[Array, ...]:
     """Inverse of `_dense_to_indices`: a bool array whose last axis has size `n`."""
     *batch, m = indices.shape
     valid = jnp.arange(m) < num[..., None]
+    indices = eqx.error_if(
+        indices,
+        valid & ((indices < 0) | (indices >= n)),
+        f"BlockMask: a listed block index is outside [0, {n}).",
+    )
 
     def row(idx, ok):
         return jnp.zeros((n,), bool).at[idx].max(ok, mode="drop")
@@ -133,7 +146,7 @@ class BlockMask(eqx.Module):
     Build one with [`create_block_mask`][eqx_flexattn.create_block_mask] (or
     [`BlockMask.from_kv_blocks`][]). A tile is *partial* (the mask mod is evaluated on
     each element), *full* (every element attends, the mask mod is skipped) or absent
-    (never loaded). Query block `i` of batch `b`, head `h` computes the key blocks
+    (not computed). Query block `i` of batch `b`, head `h` computes the key blocks
     `kv_indices[b, h, i, :kv_num_blocks[b, h, i]]` (partial) and
     `full_kv_indices[b, h, i, :full_kv_num_blocks[b, h, i]]` (full); the `q_*` arrays
     hold the same information transposed, for the backward pass. A batch or head
@@ -150,6 +163,11 @@ class BlockMask(eqx.Module):
     `full_q_num_blocks (B, H, Nkv)`, `full_q_indices (B, H, Nkv, Mq)`, all int32;
     `block_size = (block_q, block_kv)` and `seq_lengths = (Lq, Lkv)`, static ints;
     `mask_mod` (a property).
+
+    The constructor takes the eight arrays as they are: each list must hold distinct
+    blocks, a block may not be both partial and full, and the `q_*` lists must be the
+    transposes of the `kv_*` lists. `create_block_mask` and `from_kv_blocks` build
+    masks that satisfy this; prefer them.
     """
 
     kv_num_blocks: Int[Array, "b h mq"]
@@ -221,6 +239,9 @@ class BlockMask(eqx.Module):
         self.block_size = block_size
         self.seq_lengths = seq_lengths
         mask_mod = noop_mask if mask_mod is None else mask_mod
+        if closes_over_arrays(mask_mod):
+            # Hoist captured arrays into leaves, so they cross `jit` as data.
+            mask_mod = convert_mask_mod(mask_mod)
         self.mask_arrays, self.mask_static = eqx.partition(mask_mod, eqx.is_array)
 
     @property
@@ -253,8 +274,11 @@ class BlockMask(eqx.Module):
     ) -> BlockMask:
         """Builds a `BlockMask` from its forward (kv) block lists alone.
 
-        The transposed `q_*` lists are derived. `seq_lengths` defaults to the number
-        of blocks times the block size. Indices past `kv_num_blocks` are ignored.
+        The lists may be in any order and repeat blocks; a block listed as full and
+        partial is full. The transposed `q_*` lists are derived. `seq_lengths`
+        defaults to the number of blocks times the block size. Entries past
+        `kv_num_blocks` are ignored; listed indices outside `[0, Nkv)` are an error
+        (checked when the arrays are computed, with `eqx.error_if`).
         """
         block_size = _pair(block_size, "block_size")
         kv_num_blocks = jnp.asarray(kv_num_blocks)
@@ -267,11 +291,14 @@ class BlockMask(eqx.Module):
         mq, nkv = kv_indices.shape[-2:]
         if seq_lengths is None:
             seq_lengths = (mq * block_size[0], nkv * block_size[1])
+        if (full_kv_num_blocks is None) != (full_kv_indices is None):
+            raise ValueError(
+                "from_kv_blocks: pass both `full_kv_num_blocks` and `full_kv_indices`, "
+                "or neither."
+            )
         if full_kv_num_blocks is None:
             full_kv_num_blocks = jnp.zeros_like(kv_num_blocks)
             full_kv_indices = jnp.zeros_like(kv_indices)
-        elif full_kv_indices is None:
-            raise ValueError("from_kv_blocks: `full_kv_indices` is missing.")
         partial = _indices_to_dense(kv_num_blocks, kv_indices, nkv)
         full = _indices_to_dense(
             jnp.asarray(full_kv_num_blocks), jnp.asarray(full_kv_indices), nkv
@@ -299,10 +326,12 @@ class BlockMask(eqx.Module):
         partial, full = self._dense_states()
         return (partial | full).astype(INDEX_DTYPE)
 
-    def sparsity(self) -> float:
-        """Percentage of blocks that are skipped (as in PyTorch FlexAttention)."""
-        dense = np.asarray(self.to_dense())
-        return float(100.0 * (1.0 - dense.sum() / max(dense.size, 1)))
+    def sparsity(self) -> float | Array:
+        """Percentage of blocks that are skipped: a float, or a scalar array when
+        traced. (PyTorch weighs blocks by their area inside the sequence lengths;
+        the two agree when the lengths are multiples of the block size.)"""
+        value = 100.0 * (1.0 - jnp.mean(self.to_dense()))
+        return value if isinstance(value, jax.core.Tracer) else float(value)
 
     def __getitem__(self, index) -> BlockMask:
         """Selects batches and heads: `bm[b]`, `bm[b, h]`, `bm[:, h0:h1]`.
@@ -367,7 +396,7 @@ class BlockMask(eqx.Module):
             return head + ")"  # traced: nothing to draw
         partial, full = map(np.asarray, self._dense_states())
         dense = partial | full
-        lines = [head + f", sparsity={self.sparsity():.2f}%)"]
+        lines = [head + f", sparsity={100 * (1 - dense.mean()):.2f}%)"]
         b, h = dense.shape[:2]
         shown = [(i, j) for i in range(b) for j in range(h)][:4]
         for i, j in shown:
@@ -412,7 +441,7 @@ def _draw(partial: np.ndarray, full: np.ndarray) -> list[str]:
         pad[:rows, :cols] = state
         state = pad.reshape(pad.shape[0] // fr, fr, pad.shape[1] // fc, fc).max((1, 3))
     chars = np.array(["  ", "░░", "██"])
-    return ["".join(chars[r]).rstrip() or "" for r in state]
+    return ["".join(chars[r]).rstrip() for r in state]
 
 
 def create_mask(
@@ -474,39 +503,54 @@ def create_block_mask(
     """
     b, h = _check_batch("B", B), _check_batch("H", H)
     lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
-    convert_mask_mod(mask_mod)  # fail early, outside the compiled function
-    return _create_block_mask(mask_mod, b, h, lq, lkv, _pair(block_size, "block_size"))
+    bq, bkv = _pair(block_size, "block_size")
+    partial, full = _block_states(convert_mask_mod(mask_mod), b, h, lq, lkv, bq, bkv)
+    return BlockMask._from_dense(partial, full, (bq, bkv), (lq, lkv), mask_mod)
 
 
-@eqx.filter_jit
-def _create_block_mask(mask_mod, b, h, lq, lkv, block_size) -> BlockMask:
-    """Compiled once per mask-mod structure and size: new arrays in the mask mod
-    (document ids) reuse the compiled function, also when called eagerly."""
-    bq, bkv = block_size
+def _block_states(mod, b: int, h: int, lq: int, lkv: int, bq: int, bkv: int):
+    """(partial, full) bool arrays (b, h, Mq, Nkv) of a mask mod.
+
+    A `lax.map` over chunks of (batch x head, query blocks, key blocks), each of at
+    most `_MASK_CHUNK_ELEMENTS` elements (or one block), so memory is bounded at any
+    size.
+    """
     mq, nkv = math.ceil(lq / bq), math.ceil(lkv / bkv)
-    mod = convert_mask_mod(mask_mod)
-    # Query blocks evaluated per step of the loop.
-    per_step = max(1, min(mq, _MASK_CHUNK_ELEMENTS // (b * h * bq * nkv * bkv)))
-    steps = math.ceil(mq / per_step)
+    budget = _MASK_CHUNK_ELEMENTS
+    kv_per = min(nkv, max(1, budget // (bq * bkv)))
+    q_per = min(mq, max(1, budget // (bq * kv_per * bkv)))
+    bh_per = min(b * h, max(1, budget // (q_per * bq * kv_per * bkv)))
+    n_bh, n_q, n_kv = (
+        math.ceil(b * h / bh_per),
+        math.ceil(mq / q_per),
+        math.ceil(nkv / kv_per),
+    )
 
-    ib = jnp.arange(b, dtype=INDEX_DTYPE).reshape(b, 1, 1, 1)
-    ih = jnp.arange(h, dtype=INDEX_DTYPE).reshape(1, h, 1, 1)
-    ikv = jnp.arange(nkv * bkv, dtype=INDEX_DTYPE).reshape(1, 1, 1, -1)
-    kv_in = ikv < lkv
-
-    def block_states(step):
-        iq = step * per_step * bq + jnp.arange(per_step * bq, dtype=INDEX_DTYPE)
-        iq = iq.reshape(1, 1, -1, 1)
-        in_bounds = (iq < lq) & kv_in
-        keep = mod(ib, ih, jnp.minimum(iq, lq - 1), jnp.minimum(ikv, lkv - 1))
-        shape = (b, h, per_step, bq, nkv, bkv)
-        anyk = jnp.any((keep & in_bounds).reshape(shape), axis=(3, 5))
-        allk = jnp.all((keep | ~in_bounds).reshape(shape), axis=(3, 5))
+    def chunk(step):
+        i_bh, i_q, i_kv = step // (n_q * n_kv), (step // n_kv) % n_q, step % n_kv
+        bh = jnp.minimum(
+            i_bh * bh_per + jnp.arange(bh_per, dtype=INDEX_DTYPE), b * h - 1
+        )
+        iq = i_q * q_per * bq + jnp.arange(q_per * bq, dtype=INDEX_DTYPE)
+        ikv = i_kv * kv_per * bkv + jnp.arange(kv_per * bkv, dtype=INDEX_DTYPE)
+        iq, ikv = iq.reshape(1, -1, 1), ikv.reshape(1, 1, -1)
+        in_bounds = (iq < lq) & (ikv < lkv)
+        keep = mod(
+            (bh // h).reshape(-1, 1, 1),
+            (bh % h).reshape(-1, 1, 1),
+            jnp.minimum(iq, lq - 1),
+            jnp.minimum(ikv, lkv - 1),
+        )
+        shape = (bh_per, q_per, bq, kv_per, bkv)
+        anyk = jnp.any((keep & in_bounds).reshape(shape), axis=(2, 4))
+        allk = jnp.all((keep | ~in_bounds).reshape(shape), axis=(2, 4))
         return anyk & ~allk, anyk & allk
 
-    partial, full = jax.lax.map(block_states, jnp.arange(steps))
-    partial, full = (
-        jnp.moveaxis(x, 0, 2).reshape(b, h, steps * per_step, nkv)[:, :, :mq]
-        for x in (partial, full)
-    )
-    return BlockMask._from_dense(partial, full, (bq, bkv), (lq, lkv), mask_mod)
+    def assemble(x):  # (steps, bh_per, q_per, kv_per) -> (b, h, mq, nkv)
+        x = x.reshape(n_bh, n_q, n_kv, bh_per, q_per, kv_per)
+        x = x.transpose(0, 3, 1, 4, 2, 5)
+        x = x.reshape(n_bh * bh_per, n_q * q_per, n_kv * kv_per)[: b * h, :mq, :nkv]
+        return x.reshape(b, h, mq, nkv)
+
+    states = jax.lax.map(chunk, jnp.arange(n_bh * n_q * n_kv))
+    return tuple(map(assemble, states))

@@ -25,9 +25,10 @@ import jax.numpy as jnp
 INDEX_DTYPE = jnp.int32
 
 
-def _describe(mod: Callable) -> str:
-    name = getattr(mod, "__qualname__", None) or type(mod).__qualname__
-    return f"`{name}`"
+def _name(mod: Callable) -> str:
+    if isinstance(mod, ScalarMod):
+        return mod.name
+    return getattr(mod, "__qualname__", None) or type(mod).__qualname__
 
 
 def _scalar_indices(n: int) -> tuple[jax.ShapeDtypeStruct, ...]:
@@ -35,26 +36,20 @@ def _scalar_indices(n: int) -> tuple[jax.ShapeDtypeStruct, ...]:
 
 
 def _check_output(mod: Callable, out: Any, *, what: str, want_bool: bool) -> None:
-    if not isinstance(out, jax.ShapeDtypeStruct | jax.Array) and not hasattr(
-        out, "shape"
-    ):
-        raise TypeError(
-            f"{what} {_describe(mod)} must return one array, got {type(out).__name__}."
-        )
+    described = f"{what} `{_name(mod)}`"
+    if not hasattr(out, "shape"):
+        raise TypeError(f"{described} must return one array, got {type(out).__name__}.")
     if out.shape != ():
         raise ValueError(
-            f"{what} {_describe(mod)} must map scalar indices to a scalar, but "
-            f"returned shape {tuple(out.shape)} for scalar inputs. Index the arrays "
-            "it uses with every index argument (e.g. `bias[h, q_idx - kv_idx]`)."
+            f"{described} must map scalar indices to a scalar, but returned shape "
+            f"{tuple(out.shape)} for scalar inputs. Index the arrays it uses with "
+            "every index argument (e.g. `bias[h, q_idx - kv_idx]`)."
         )
     if want_bool and out.dtype != jnp.bool_:
-        raise TypeError(
-            f"{what} {_describe(mod)} must return a bool, got dtype {out.dtype}."
-        )
+        raise TypeError(f"{described} must return a bool, got dtype {out.dtype}.")
     if not want_bool and not jnp.issubdtype(out.dtype, jnp.floating):
         raise TypeError(
-            f"{what} {_describe(mod)} must return a floating-point score, got dtype "
-            f"{out.dtype}."
+            f"{described} must return a floating-point score, got dtype {out.dtype}."
         )
 
 
@@ -73,58 +68,79 @@ def index_grid(b: int, h: int, lq: int, lkv: int) -> tuple[jax.Array, ...]:
 
 
 class ScalarMod(eqx.Module):
-    """A closure-converted mod: call it on broadcastable arrays of indices.
+    """A closure-converted mod, called on broadcastable arrays.
 
-    Its array leaves are exactly the arrays the mod depends on; its static part is the
-    traced program. `kind` is `"score"` or `"mask"`.
+    Score mods take `(score, b, h, q_idx, kv_idx)`, mask mods `(b, h, q_idx, kv_idx)`;
+    the result has the broadcast shape of the arguments. Its array leaves are exactly
+    the arrays the mod depends on; its static part is the traced program.
     """
 
     fn: Callable
-    kind: str = eqx.field(static=True)
-    score_dtype: Any = eqx.field(static=True, default=None)
+    name: str = eqx.field(static=True)
+    score_dtype: Any = eqx.field(static=True, default=None)  # None: a mask mod
 
-    def __call__(self, *args: jax.Array) -> jax.Array:
-        if self.kind == "score":
-            score, *idx = args
-            idx = [jnp.asarray(i, INDEX_DTYPE) for i in idx]
-            out = jnp.vectorize(self.fn)(score.astype(self.score_dtype), *idx)
-            return jnp.broadcast_to(out, jnp.broadcast_shapes(*map(jnp.shape, args)))
-        idx = [jnp.asarray(i, INDEX_DTYPE) for i in args]
-        out = jnp.vectorize(self.fn)(*idx)
-        return jnp.broadcast_to(out, jnp.broadcast_shapes(*map(jnp.shape, args)))
+    def __call__(self, *args) -> jax.Array:
+        shape = jnp.broadcast_shapes(*map(jnp.shape, args))
+        *score, b, h, q_idx, kv_idx = args
+        idx = [jnp.asarray(i, INDEX_DTYPE) for i in (b, h, q_idx, kv_idx)]
+        score = [jnp.asarray(x, self.score_dtype) for x in score]
+        return jnp.broadcast_to(jnp.vectorize(self.fn)(*score, *idx), shape)
 
 
-def _checked_shape(mod: Callable, args: tuple, what: str, signature: str):
-    """The output of `mod` on scalar `args`, validated: a scalar bool (mask mods) or
-    float (score mods)."""
+def _checked(mod: Callable, args: tuple, what: str, signature: str) -> None:
+    """Checks that `mod` maps scalar `args` to a scalar bool (mask mods) or float
+    (score mods)."""
     if not callable(mod):
         raise TypeError(f"`{what}` must be callable, got {type(mod).__name__}.")
     try:
         out = eqx.filter_eval_shape(mod, *args)
     except TypeError as e:
         raise TypeError(
-            f"{what} {_describe(mod)} could not be called as `{signature}`: {e}"
+            f"{what} `{_name(mod)}` could not be called as `{signature}`: {e}"
         ) from e
     _check_output(mod, out, what=what, want_bool=what == "mask_mod")
-    return out
 
 
 def convert_score_mod(score_mod: Callable, score_dtype) -> ScalarMod:
     """Closure-converts `score_mod` for scores of `score_dtype`, checking its output."""
     score_dtype = jnp.dtype(score_dtype)
     args = (jax.ShapeDtypeStruct((), score_dtype), *_scalar_indices(4))
-    _checked_shape(
-        score_mod, args, "score_mod", "score_mod(score, b, h, q_idx, kv_idx)"
-    )
+    _checked(score_mod, args, "score_mod", "score_mod(score, b, h, q_idx, kv_idx)")
     fn = eqx.filter_closure_convert(_CastOutput(score_mod, score_dtype), *args)
-    return ScalarMod(fn, "score", score_dtype)
+    return ScalarMod(fn, _name(score_mod), score_dtype)
 
 
 def convert_mask_mod(mask_mod: Callable) -> ScalarMod:
     """Closure-converts `mask_mod`, checking that it returns a scalar bool."""
     args = _scalar_indices(4)
-    _checked_shape(mask_mod, args, "mask_mod", "mask_mod(b, h, q_idx, kv_idx)")
-    return ScalarMod(eqx.filter_closure_convert(mask_mod, *args), "mask")
+    _checked(mask_mod, args, "mask_mod", "mask_mod(b, h, q_idx, kv_idx)")
+    fn = eqx.filter_closure_convert(mask_mod, *args)
+    return ScalarMod(fn, _name(mask_mod))
+
+
+def closes_over_arrays(mod: Callable) -> bool:
+    """Whether a function inside `mod` (itself, or a field of a module) captures arrays
+    in its closure: those are invisible to PyTree flattening, so they must be hoisted
+    before crossing `jit`."""
+    seen: set[int] = set()
+
+    def captures(obj, arrays_count: bool) -> bool:
+        for leaf in jax.tree_util.tree_leaves(obj):
+            if arrays_count and eqx.is_array(leaf):
+                return True
+            if id(leaf) in seen:
+                continue
+            seen.add(id(leaf))
+            for cell in getattr(leaf, "__closure__", None) or ():
+                try:
+                    contents = cell.cell_contents
+                except ValueError:  # an empty cell
+                    continue
+                if captures(contents, True):
+                    return True
+        return False
+
+    return captures(mod, False)
 
 
 class _CastOutput(eqx.Module):

@@ -74,7 +74,7 @@ def apply_rotary(
 class MultiheadFlexAttention(eqx.Module):
     r"""Multi-head attention on [`flex_attention`][eqx_flexattn.flex_attention].
 
-    The drop-in counterpart of `equinox.nn.MultiheadAttention` (same projections, same
+    The counterpart of `equinox.nn.MultiheadAttention` (same projections, same
     unbatched calling convention) that adds what FlexAttention offers: a score mod
     (ALiBi, relative-position biases, soft-capping... whose parameters are trained with
     the rest of the layer), block-sparse masks given as a
@@ -86,7 +86,9 @@ class MultiheadFlexAttention(eqx.Module):
     $$\text{out} = \sum_i \text{flex\_attention}(QW^Q_i, KW^K_{g(i)}, VW^V_{g(i)})
       W^O_i.$$
 
-    Call it on one sequence; use `jax.vmap` (or `eqx.filter_vmap`) for a batch.
+    Call it on one sequence; use `jax.vmap` (or `eqx.filter_vmap`) for a batch. Unlike
+    `equinox.nn.MultiheadAttention` it has no boolean `mask=` (use `mask_mod=` or
+    `block_mask=`), no dropout and no `process_heads`.
 
     !!! Example
 

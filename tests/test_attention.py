@@ -153,17 +153,35 @@ def test_closure_over_traced_array(getkey):
     np.testing.assert_allclose(f(q, k, v, bias), want, atol=1e-12)
 
 
-def test_auto_backend_and_explain(getkey):
+def test_auto_falls_back_and_explains(getkey, monkeypatch):
+    """`auto` skips a backend that declines, and says why."""
+    from eqx_flexattn import _backends
+
+    class Declining(_backends.XlaBackend):
+        name = "declining"
+
+        def check(self, problem):
+            raise NotImplementedError("head dim 4 is too small")
+
+        def forward(self, problem):
+            raise AssertionError("a declining backend must not run")
+
+    monkeypatch.setitem(_backends.BACKENDS, "declining", Declining())
+    monkeypatch.setattr(_backends, "AUTO_ORDER", ("declining", "xla"))
     q, k, v = random_qkv(getkey(), 1, 1, 1, 8, 8, 4)
     text = fa.explain_backend(q, k, v)
-    assert text.splitlines()[0] == "backend: xla"
+    assert text.splitlines() == [
+        "backend: xla",
+        "declined: declining: head dim 4 is too small",
+    ]
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
     assert fa.explain_backend(*shapes) == text
     with pytest.raises(ValueError, match="Unknown backend 'tpu'"):
         fa.explain_backend(*shapes, backend="tpu")
-    np.testing.assert_allclose(
-        fa.flex_attention(q, k, v), fa.flex_attention(q, k, v, backend="xla")
-    )
+    np.testing.assert_allclose(fa.flex_attention(q, k, v), numpy_attention(q, k, v)[0])
+    monkeypatch.setattr(_backends, "AUTO_ORDER", ("declining",))
+    with pytest.raises(NotImplementedError, match="No backend can run"):
+        fa.flex_attention(q, k, v)
 
 
 def test_document_ids_do_not_retrace(getkey):
@@ -189,6 +207,51 @@ def test_document_ids_do_not_retrace(getkey):
         )[0]
         np.testing.assert_allclose(out, want, atol=1e-12)
     assert len(traces) == 1
+
+
+def test_no_stale_results_from_plain_functions(getkey):
+    """Called eagerly, a mod that reads a global sees its current value."""
+    q, k, v = random_qkv(getkey(), 1, 2, 2, 16, 16, 8)
+    bias = {"value": np.array([0.0, 0.0])}
+
+    def mod(s, b, h, qi, kv):
+        return s + jnp.asarray(bias["value"])[h] * (kv - qi)
+
+    first = fa.flex_attention(q, k, v, mod)
+    bias["value"] = np.array([0.5, -0.5])
+    second = fa.flex_attention(q, k, v, mod)
+    want = numpy_attention(
+        q, k, v, score_fn=lambda s, b, h, qi, kv: s + bias["value"][h] * (kv - qi)
+    )[0]
+    np.testing.assert_allclose(second, want, atol=1e-12)
+    assert not np.allclose(first, second)
+
+
+@pytest.mark.parametrize("row_groups", [1, 3])
+def test_row_groups_option(row_groups, getkey):
+    q, k, v = random_qkv(getkey(), 2, 2, 2, 40, 40, 8)
+    bm = fa.create_block_mask(masks.causal_mask, None, None, 40, 40, block_size=8)
+    out = fa.flex_attention(
+        q, k, v, block_mask=bm, kernel_options={"row_groups": row_groups}
+    )
+    np.testing.assert_allclose(
+        out, numpy_attention(q, k, v, mask_fn=np_causal)[0], atol=1e-12
+    )
+    with pytest.raises(ValueError, match="row_groups.*positive int, got 0"):
+        fa.flex_attention(q, k, v, kernel_options={"row_groups": 0})
+
+
+def test_row_groups_bound_the_work():
+    """Grouping rows by list length: causal costs about (1 + 1/G) / 2 of dense."""
+    from eqx_flexattn._backends.xla import row_groups
+
+    m = 64
+    lengths = jnp.asarray(np.random.default_rng(0).permutation(np.arange(1, m + 1)))
+    for g, bound in ((1, 1.0), (4, 0.5 * (1 + 1 / 4) + 1 / m)):
+        groups = row_groups(lengths, g)
+        assert sorted(np.concatenate([np.asarray(x) for x in groups])) == list(range(m))
+        work = sum(len(x) * int(lengths[x].max()) for x in groups)
+        assert work <= bound * m * m, (g, work)
 
 
 def test_block_mask_module_under_jit_does_not_retrace(getkey):

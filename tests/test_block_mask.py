@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import numpy_attention
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks
@@ -54,6 +55,22 @@ def test_block_states_match_dense_mask(mask_mod, B, H, lq, lkv, bs):
     np.testing.assert_array_equal(bm.to_dense(), want_partial | want_full)
     assert bm.shape == (B or 1, H or 1, lq, lkv)
     assert bm.block_size == (bq, bkv)
+
+
+@pytest.mark.parametrize("chunk", [1, 100, 300])
+def test_chunked_evaluation_matches(monkeypatch, chunk):
+    """Chunks over (batch x head, query blocks, key blocks) assemble correctly."""
+    import eqx_flexattn._block_mask as block_mask_module
+
+    monkeypatch.setattr(block_mask_module, "_MASK_CHUNK_ELEMENTS", chunk)
+    for mask_mod, B, H, lq, lkv, bs in CASES[1:4]:
+        bm = fa.create_block_mask(mask_mod, B, H, lq, lkv, block_size=bs)
+        dense = np.asarray(fa.create_mask(mask_mod, B, H, lq, lkv))
+        bq, bkv = (bs, bs) if isinstance(bs, int) else bs
+        want_partial, want_full = numpy_block_states(dense, bq, bkv)
+        partial, full = map(np.asarray, bm._dense_states())
+        np.testing.assert_array_equal(partial, want_partial)
+        np.testing.assert_array_equal(full, want_full)
 
 
 @pytest.mark.parametrize("mask_mod,B,H,lq,lkv,bs", CASES[:3])
@@ -126,12 +143,23 @@ def test_memory_is_chunked():
     ).lower()
     temp = lowered.compile().memory_analysis().temp_size_in_bytes
     assert temp < 256 * 2**20, temp  # an L x L bool alone would be 1 GiB
+    # Many batch elements and heads: chunked over them too.
+    lowered = jax.jit(
+        lambda: fa.create_block_mask(masks.causal_mask, 16, 16, 16384, 16384)
+    ).lower()
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    assert temp < 256 * 2**20, temp  # the B x H x L x L bools would be 64 GiB
 
 
 def test_sparsity_getitem_repr():
     bm = fa.create_block_mask(window_head, 2, 3, 64, 64, block_size=16)
     dense = np.asarray(bm.to_dense())
-    assert bm.sparsity() == pytest.approx(100 * (1 - dense.mean()))
+    want_partial, want_full = numpy_block_states(
+        np.asarray(fa.create_mask(window_head, 2, 3, 64, 64)), 16, 16
+    )
+    skipped = ~(want_partial | want_full)
+    assert bm.sparsity() == pytest.approx(100 * skipped.sum() / skipped.size)
+    assert float(jax.jit(lambda bm: bm.sparsity())(bm)) == pytest.approx(bm.sparsity())
     sub = bm[1]
     assert sub.shape == (1, 3, 64, 64)
     np.testing.assert_array_equal(sub.to_dense(), dense[1:2])
@@ -201,6 +229,56 @@ def test_from_kv_blocks_roundtrip():
     assert rebuilt.seq_lengths == (48, 48)
     for name in ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices"):
         np.testing.assert_array_equal(getattr(rebuilt, name), getattr(bm, name))
+
+
+def test_from_kv_blocks_canonicalises():
+    """Unsorted, repeated, and both-partial-and-full entries are cleaned up."""
+    num = jnp.array([[[3, 1]]])
+    idx = jnp.array([[[[2, 0, 2], [1, 0, 0]]]])
+    full_num = jnp.array([[[1, 0]]])
+    full_idx = jnp.array([[[[0, 1, 2], [0, 0, 0]]]])
+    bm = fa.BlockMask.from_kv_blocks(num, idx, full_num, full_idx, block_size=4)
+    np.testing.assert_array_equal(bm.kv_num_blocks, [[[1, 1]]])
+    np.testing.assert_array_equal(bm.kv_indices[..., :1], [[[[2], [1]]]])
+    np.testing.assert_array_equal(bm.full_kv_num_blocks, [[[1, 0]]])
+    np.testing.assert_array_equal(bm.to_dense(), [[[[1, 0, 1], [0, 1, 0]]]])
+    np.testing.assert_array_equal(bm.q_num_blocks, [[[0, 1, 1]]])
+
+
+def test_from_kv_blocks_errors():
+    num, idx = jnp.array([[[1]]]), jnp.array([[[[0, 1]]]])
+    with pytest.raises(ValueError, match="both `full_kv_num_blocks` and"):
+        fa.BlockMask.from_kv_blocks(num, idx, None, idx, block_size=4)
+    with pytest.raises(Exception, match=r"outside \[0, 2\)"):
+        fa.BlockMask.from_kv_blocks(num, jnp.array([[[[2, 0]]]]), block_size=4)
+    with pytest.raises(Exception, match=r"outside \[0, 2\)"):
+        fa.BlockMask.from_kv_blocks(num, jnp.array([[[[-1, 0]]]]), block_size=4)
+    # Entries past the count are ignored, whatever they hold.
+    bm = fa.BlockMask.from_kv_blocks(num, jnp.array([[[[1, 7]]]]), block_size=4)
+    np.testing.assert_array_equal(bm.to_dense(), [[[[0, 1]]]])
+
+
+def test_mask_mod_closing_over_traced_arrays():
+    """Arrays a plain mask function captures become leaves: the mask leaves `jit`."""
+    ids = jnp.array([0, 0, 1, 1, 1, 2, 2, 2])
+
+    @jax.jit
+    def build(ids):
+        same = lambda b, h, q, kv: ids[q] == ids[kv]
+        return fa.create_block_mask(
+            fa.and_masks(masks.causal_mask, same), None, None, 8, 8, block_size=2
+        )
+
+    bm = build(ids)
+    q = jax.random.normal(jax.random.key(0), (1, 1, 8, 4))
+    np_ids = np.asarray(ids)
+    want = numpy_attention(
+        q, q, q, mask_fn=lambda b, h, qi, kv: (qi >= kv) & (np_ids[qi] == np_ids[kv])
+    )[0]
+    np.testing.assert_allclose(
+        fa.flex_attention(q, q, q, block_mask=bm), want, atol=1e-6
+    )
+    assert build(ids + 1).kv_num_blocks.shape == (1, 1, 4)
 
 
 def test_combinators():

@@ -14,6 +14,11 @@ from .._block_mask import BlockMask
 from .._mods import INDEX_DTYPE, ScalarMod
 
 
+def accumulator_dtype(dtype):
+    """Softmax statistics and accumulators: float64 for float64 inputs, else float32."""
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
 class AttentionProblem(eqx.Module):
     """One validated attention call: arrays, traced mods and static settings.
 
@@ -33,8 +38,7 @@ class AttentionProblem(eqx.Module):
 
     @property
     def acc_dtype(self):
-        """Softmax statistics and accumulators: float64 for float64 inputs, else f32."""
-        return jnp.float64 if self.q.dtype == jnp.float64 else jnp.float32
+        return accumulator_dtype(self.q.dtype)
 
     @property
     def groups(self) -> int:
@@ -43,19 +47,6 @@ class AttentionProblem(eqx.Module):
 
     def options(self) -> dict[str, Any]:
         return dict(self.kernel_options)
-
-    def broadcast_mask_arrays(self) -> dict[str, Array]:
-        """The block mask's arrays broadcast to `(B, Hq, ...)`."""
-        b, hq = self.q.shape[:2]
-        bm = self.block_mask
-        out = {}
-        for name in (
-            "kv_num_blocks kv_indices full_kv_num_blocks full_kv_indices "
-            "q_num_blocks q_indices full_q_num_blocks full_q_indices"
-        ).split():
-            x = getattr(bm, name)
-            out[name] = jnp.broadcast_to(x, (b, hq, *x.shape[2:]))
-        return out
 
 
 class AbstractBackend(eqx.Module):

@@ -1,16 +1,19 @@
 """The `xla` backend: blockwise online softmax in `lax` loops, for every JAX platform.
 
-Query blocks are processed side by side (one batched matmul per step); the loop runs
-over positions in each query block's list of key blocks, so the trip count is the
-longest list, not the number of key blocks, and absent blocks are never loaded. Partial
-blocks (mask mod applied) and full blocks (mask mod skipped) are two loops. Memory is
-O(L * block_kv) per step: no L x L array is ever formed.
+Work is organised in *rows*: a row is one query block of one (batch, query head) with
+its list of key blocks (forward, dq), or one key block with its list of query blocks
+(dk, dv: the BlockMask's transposed `q_*` arrays). Rows are sorted by list length and
+split into `row_groups` groups (a kernel option, default 4); each group is one batch of
+tiles per step of a `lax` loop that runs for the longest list in the group. So a
+causal mask costs about `(1 + 1/row_groups) / 2` of a dense one, and a sliding window
+only its band. Partial blocks (mask mod applied) and full blocks (mask mod skipped)
+are separate loops. Shorter lists in a group compute masked, discarded tiles for the
+last steps. Memory is O(L * block) per step: no L x L array is ever formed.
 
 The backward pass recomputes probabilities from the saved log-sum-exp, flash-attention
-style: one sweep along the key lists of every query block for dq, one along the query
-lists of every key block (the BlockMask's transposed `q_*` arrays) for dk, dv and the
-gradients of the score mod's arrays, which come from the score mod's VJP on each
-block's dS, summed over blocks.
+style: dq along the key lists, dk, dv and the gradients of the score mod's arrays along
+the query lists. The score-mod gradients come from the score mod's VJP on each tile's
+dS, summed over tiles.
 """
 
 from __future__ import annotations
@@ -21,25 +24,29 @@ from typing import NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array
 
 from .._mods import INDEX_DTYPE
 from ._base import AbstractBackend, AttentionProblem, block_positions, grads_like
 
 
+DEFAULT_ROW_GROUPS = 4
+
+
 class _Layout(NamedTuple):
-    """Static tiling of one problem. Grouped layout: (B, Hkv, G, blocks, rows, ...)."""
+    """Static tiling of one problem."""
 
     b: int
+    hq: int
     hkv: int
-    g: int
     lq: int
     lkv: int
-    bq: int  # query rows per tile
-    bkv: int  # key rows per tile
+    bq: int  # query positions per tile
+    bkv: int  # key positions per tile
     mq: int  # query blocks
     nkv: int  # key blocks
-    per_head_mask: bool  # the BlockMask has one pattern per query head
+    row_groups: int
 
 
 def _layout(problem: AttentionProblem) -> _Layout:
@@ -51,8 +58,8 @@ def _layout(problem: AttentionProblem) -> _Layout:
     # A single block covers the whole sequence: tile at its length (decoding).
     bq = bq if mq > 1 else lq
     bkv = bkv if nkv > 1 else lkv
-    per_head = bm.kv_num_blocks.shape[1] > 1
-    return _Layout(b, hkv, hq // hkv, lq, lkv, bq, bkv, mq, nkv, per_head)
+    groups = problem.options().get("row_groups", DEFAULT_ROW_GROUPS)
+    return _Layout(b, hq, hkv, lq, lkv, bq, bkv, mq, nkv, groups)
 
 
 def _to_blocks(x: Array, n: int, size: int) -> Array:
@@ -63,41 +70,54 @@ def _to_blocks(x: Array, n: int, size: int) -> Array:
     return x.reshape(*x.shape[:2], n, size, *x.shape[3:])
 
 
-def _group(x: Array, lay: _Layout) -> Array:
-    """(B, Hq, ...) -> (B, Hkv, G, ...)."""
-    return x.reshape(x.shape[0], lay.hkv, lay.g, *x.shape[2:])
+class _Rows(NamedTuple):
+    """Flat rows: batch, query head and block of each, and its two block lists."""
+
+    b: Array  # (R,)
+    h: Array  # (R,)
+    block: Array  # (R,)
+    partial: tuple[Array, Array]  # num (R,), indices (R, N)
+    full: tuple[Array, Array]
 
 
-def _ungroup(x: Array) -> Array:
-    return x.reshape(x.shape[0], -1, *x.shape[3:])
+def _rows(problem: AttentionProblem, lay: _Layout, prefix: str) -> _Rows:
+    """The rows of the `kv` lists (one per query block) or `q` lists (per key block)."""
+    bm = problem.block_mask
+
+    def flat(name):
+        num = getattr(bm, f"{name}_num_blocks")
+        idx = getattr(bm, f"{name}_indices")
+        m, n = idx.shape[-2:]
+        num = jnp.broadcast_to(num, (lay.b, lay.hq, m)).reshape(-1)
+        return num, jnp.broadcast_to(idx, (lay.b, lay.hq, m, n)).reshape(-1, n)
+
+    partial, full = flat(prefix), flat(f"full_{prefix}")
+    m = partial[1].shape[0] // (lay.b * lay.hq)
+    b, h, block = (
+        x.reshape(-1)
+        for x in jnp.meshgrid(
+            jnp.arange(lay.b, dtype=INDEX_DTYPE),
+            jnp.arange(lay.hq, dtype=INDEX_DTYPE),
+            jnp.arange(m, dtype=INDEX_DTYPE),
+            indexing="ij",
+        )
+    )
+    return _Rows(b, h, block, partial, full)
 
 
-def _mask_lists(problem: AttentionProblem, lay: _Layout, name: str):
-    """`(num, indices)` of one block list, shaped (B|1, Hkv|1, G|1, rows[, cols])."""
-    num = getattr(problem.block_mask, f"{name}_num_blocks")
-    idx = getattr(problem.block_mask, f"{name}_indices")
-
-    def shape(x):
-        if lay.per_head_mask:
-            return _group(x, lay)
-        return x[:, :, None]
-
-    return shape(num), shape(idx)
+def row_groups(lengths: Array, groups: int) -> list[Array]:
+    """Row indices in `groups` batches of static sizes, longest lists first."""
+    order = jnp.argsort(-lengths, stable=True)
+    splits = np.array_split(np.arange(lengths.shape[0]), min(groups, lengths.shape[0]))
+    return [order[s[0] : s[-1] + 1] for s in splits]
 
 
-def _take(x: Array, idx: Array, grouped: bool) -> Array:
-    """Selects blocks: x (B, Hkv[, G], n, ...) at idx (B|1, Hkv|1, G|1, m)."""
-    b, hkv = x.shape[:2]
-    ib = jnp.arange(b).reshape(b, 1, 1, 1)
-    ik = jnp.arange(hkv).reshape(1, hkv, 1, 1)
-    if grouped:
-        g = x.shape[2]
-        return x[ib, ik, jnp.arange(g).reshape(1, 1, g, 1), idx]
-    return x[ib, ik, idx]
+def _select(rows: _Rows, sel: Array) -> _Rows:
+    return jax.tree_util.tree_map(lambda x: x[sel], rows)
 
 
 class _Tile(NamedTuple):
-    """Index arrays of a batch of tiles, broadcastable to (B, Hkv, G, m, rows, cols)."""
+    """Index arrays of a batch of tiles, broadcastable to (n, bq, bkv)."""
 
     b: Array
     h: Array
@@ -105,21 +125,11 @@ class _Tile(NamedTuple):
     kv: Array
 
 
-def _tile_indices(lay: _Layout, q_pos: Array, kv_pos: Array) -> _Tile:
-    b = jnp.arange(lay.b, dtype=INDEX_DTYPE).reshape(lay.b, 1, 1, 1, 1, 1)
-    h = jnp.arange(lay.hkv * lay.g, dtype=INDEX_DTYPE).reshape(
-        1, lay.hkv, lay.g, 1, 1, 1
+def _tile(rows: _Rows, q_pos: Array, kv_pos: Array) -> _Tile:
+    """`q_pos` (n, bq) and `kv_pos` (n, bkv): positions of each tile's elements."""
+    return _Tile(
+        rows.b[:, None, None], rows.h[:, None, None], q_pos[:, :, None], kv_pos[:, None]
     )
-    return _Tile(b, h, q_pos[..., :, None], kv_pos[..., None, :])
-
-
-def _keep(
-    problem: AttentionProblem, lay: _Layout, t: _Tile, valid: Array, apply_mask: bool
-) -> Array:
-    keep = valid[..., None, None] & (t.q < lay.lq) & (t.kv < lay.lkv)
-    if apply_mask:
-        keep = keep & problem.mask_mod(t.b, t.h, *_clamp(t, lay))
-    return keep
 
 
 def _clamp(t: _Tile, lay: _Layout) -> tuple[Array, Array]:
@@ -127,23 +137,24 @@ def _clamp(t: _Tile, lay: _Layout) -> tuple[Array, Array]:
     return jnp.minimum(t.q, lay.lq - 1), jnp.minimum(t.kv, lay.lkv - 1)
 
 
+def _keep(problem, lay: _Layout, t: _Tile, valid: Array, apply_mask: bool) -> Array:
+    keep = valid[:, None, None] & (t.q < lay.lq) & (t.kv < lay.lkv)
+    if apply_mask:
+        keep = keep & problem.mask_mod(t.b, t.h, *_clamp(t, lay))
+    return keep
+
+
 def _raw_scores(problem: AttentionProblem, qt: Array, kt: Array) -> Array:
-    s = jnp.einsum(
-        "...qd,...kd->...qk", qt, kt, preferred_element_type=problem.acc_dtype
-    )
+    s = jnp.einsum("nqd,nkd->nqk", qt, kt, preferred_element_type=problem.acc_dtype)
     return s * problem.scale
 
 
-def _modded(lay: _Layout, t: _Tile, s: Array, score_mod) -> Array:
-    return score_mod(s, t.b, t.h, *_clamp(t, lay))
-
-
-def _scores(problem, lay, t, qt, kt):
+def _scores(problem, lay, t, qt, kt) -> Array:
     """Scaled, score-modded scores of a batch of tiles (before masking)."""
     s = _raw_scores(problem, qt, kt)
     if problem.score_mod is None:
         return s
-    return _modded(lay, t, s, problem.score_mod)
+    return problem.score_mod(s, t.b, t.h, *_clamp(t, lay))
 
 
 def _scores_vjp(problem, lay, t, qt, kt, want_mod_grad: bool):
@@ -151,73 +162,91 @@ def _scores_vjp(problem, lay, t, qt, kt, want_mod_grad: bool):
     s = _raw_scores(problem, qt, kt)
     if problem.score_mod is None:
         return s, lambda ds: (ds, None)
-    fn = lambda s_, mod: _modded(lay, t, s_, mod)
+    fn = lambda s_, mod: mod(s_, t.b, t.h, *_clamp(t, lay))
     if want_mod_grad:
         return eqx.filter_vjp(fn, s, problem.score_mod)
     out, vjp = jax.vjp(lambda s_: fn(s_, problem.score_mod), s)
     return out, lambda ds: (vjp(ds)[0], None)
 
 
-def _loop(n: Array, body: Callable, carry):
-    return jax.lax.fori_loop(0, n, body, carry)
-
-
-def _for_each_list(problem, lay, prefix: str, body_for: Callable, carry):
-    """Runs `body_for(apply_mask)` over the partial, then the full, block lists."""
-    for kind, apply_mask in ((prefix, True), (f"full_{prefix}", False)):
-        num, idx = _mask_lists(problem, lay, kind)
-        carry = _loop(jnp.max(num), body_for(num, idx, apply_mask), carry)
+def _sweep(rows: _Rows, body_for: Callable, carry):
+    """Runs `body_for(num, indices, apply_mask)` as a loop over the partial list, then
+    the full list, of a group of rows, each for the group's longest list."""
+    for (num, idx), apply_mask in ((rows.partial, True), (rows.full, False)):
+        body = body_for(num, idx, apply_mask)
+        carry = jax.lax.fori_loop(0, jnp.max(num), body, carry)
     return carry
+
+
+def _by_groups(rows: _Rows, lay: _Layout, fn: Callable, outputs: tuple, extra=None):
+    """Calls `fn(group_rows, extra) -> (row_outputs, extra)` on each group of rows and
+    scatters the row outputs into `outputs` (arrays with a leading row axis)."""
+    lengths = rows.partial[0] + rows.full[0]
+    for sel in row_groups(lengths, lay.row_groups):
+        group_out, extra = fn(_select(rows, sel), extra)
+        outputs = tuple(o.at[sel].set(g) for o, g in zip(outputs, group_out))
+    return outputs, extra
 
 
 def _forward(problem: AttentionProblem) -> tuple[Array, Array]:
     lay = _layout(problem)
     acc = problem.acc_dtype
-    qb = _group(_to_blocks(problem.q, lay.mq, lay.bq), lay)  # B K G Mq bq D
-    kb = _to_blocks(problem.k, lay.nkv, lay.bkv)  # B K Nkv bkv D
+    g = lay.hq // lay.hkv
+    qb = _to_blocks(problem.q, lay.mq, lay.bq)  # B Hq Mq bq D
+    kb = _to_blocks(problem.k, lay.nkv, lay.bkv)  # B Hkv Nkv bkv D
     vb = _to_blocks(problem.v, lay.nkv, lay.bkv)
-    q_pos = block_positions(jnp.arange(lay.mq), lay.bq)[None, None, None]
-    rows = qb.shape[:-1]
-    init = (
-        jnp.full(rows, -jnp.inf, acc),
-        jnp.zeros(rows, acc),
-        jnp.zeros((*rows, vb.shape[-1]), acc),
-    )
+    dv = vb.shape[-1]
 
-    def body_for(num, idx, apply_mask):
-        def body(j, carry):
-            m, denom, o = carry
-            blk = idx[..., j]
-            t = _tile_indices(lay, q_pos, block_positions(blk, lay.bkv))
-            s = _scores(problem, lay, t, qb, _take(kb, blk, False))
-            keep = _keep(problem, lay, t, j < num, apply_mask)
-            s = jnp.where(keep, s, -jnp.inf)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-            alpha = jnp.exp(m - m_safe)
-            p = jnp.exp(s - m_safe[..., None])
-            vt = _take(vb, blk, False)
-            pv = jnp.einsum(
-                "...qk,...kd->...qd", p.astype(vt.dtype), vt, preferred_element_type=acc
-            )
-            return m_new, alpha * denom + jnp.sum(p, axis=-1), alpha[..., None] * o + pv
+    def group(rows: _Rows, extra):
+        n = rows.b.shape[0]
+        qt = qb[rows.b, rows.h, rows.block]
+        q_pos = block_positions(rows.block, lay.bq)
+        init = (
+            jnp.full((n, lay.bq), -jnp.inf, acc),
+            jnp.zeros((n, lay.bq), acc),
+            jnp.zeros((n, lay.bq, dv), acc),
+        )
 
-        return body
+        def body_for(num, idx, apply_mask):
+            def body(j, carry):
+                m, denom, o = carry
+                blk = idx[:, j]
+                t = _tile(rows, q_pos, block_positions(blk, lay.bkv))
+                kt = kb[rows.b, rows.h // g, blk]
+                vt = vb[rows.b, rows.h // g, blk]
+                s = _scores(problem, lay, t, qt, kt)
+                s = jnp.where(_keep(problem, lay, t, j < num, apply_mask), s, -jnp.inf)
+                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+                alpha = jnp.exp(m - m_safe)
+                p = jnp.exp(s - m_safe[..., None])
+                pv = jnp.einsum(
+                    "nqk,nkd->nqd", p.astype(vt.dtype), vt, preferred_element_type=acc
+                )
+                denom = alpha * denom + jnp.sum(p, axis=-1)
+                return m_new, denom, alpha[..., None] * o + pv
 
-    m, denom, o = _for_each_list(problem, lay, "kv", body_for, init)
-    nonempty = denom > 0
-    denom_safe = jnp.where(nonempty, denom, 1.0)
-    out = o / denom_safe[..., None]
-    lse = jnp.where(nonempty, m + jnp.log(denom_safe), -jnp.inf)
-    b, hq, lq, _ = problem.q.shape
-    out = _ungroup(out).reshape(b, hq, -1, out.shape[-1])[:, :, :lq]
-    lse = _ungroup(lse).reshape(b, hq, -1)[:, :, :lq]
+            return body
+
+        m, denom, o = _sweep(rows, body_for, init)
+        nonempty = denom > 0
+        denom_safe = jnp.where(nonempty, denom, 1.0)
+        lse = jnp.where(nonempty, m + jnp.log(denom_safe), -jnp.inf)
+        return (o / denom_safe[..., None], lse), extra
+
+    rows = _rows(problem, lay, "kv")
+    r = rows.b.shape[0]
+    outputs = (jnp.zeros((r, lay.bq, dv), acc), jnp.zeros((r, lay.bq), acc))
+    (out, lse), _ = _by_groups(rows, lay, group, outputs)
+    out = out.reshape(lay.b, lay.hq, -1, dv)[:, :, : lay.lq]
+    lse = lse.reshape(lay.b, lay.hq, -1)[:, :, : lay.lq]
     return out.astype(problem.q.dtype), lse
 
 
 def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
     lay = _layout(problem)
     acc = problem.acc_dtype
+    g = lay.hq // lay.hkv
     q, k, v = problem.q, problem.k, problem.v
     nonempty = jnp.isfinite(lse)
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1)
@@ -225,96 +254,114 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
         # The lse of a fully masked row is a constant -inf: no gradient flows back.
         delta = delta - jnp.where(nonempty, dlse.astype(acc), 0.0)
     lse_safe = jnp.where(nonempty, lse, 0.0)
-    qb = _group(_to_blocks(q, lay.mq, lay.bq), lay)
-    dob = _group(_to_blocks(dout, lay.mq, lay.bq), lay)
-    lseb = _group(_to_blocks(lse_safe, lay.mq, lay.bq), lay)
-    deltab = _group(_to_blocks(delta, lay.mq, lay.bq), lay)
+    qb = _to_blocks(q, lay.mq, lay.bq)
+    dob = _to_blocks(dout, lay.mq, lay.bq)
+    lseb = _to_blocks(lse_safe, lay.mq, lay.bq)
+    deltab = _to_blocks(delta, lay.mq, lay.bq)
     kb = _to_blocks(k, lay.nkv, lay.bkv)
     vb = _to_blocks(v, lay.nkv, lay.bkv)
 
     def probs_and_ds(t, qt, kt, vt, dot, lset, deltat, keep, want_mod_grad):
         s, vjp = _scores_vjp(problem, lay, t, qt, kt, want_mod_grad)
         p = jnp.where(keep, jnp.exp(s - lset[..., None]), 0.0)
-        dp = jnp.einsum("...qd,...kd->...qk", dot, vt, preferred_element_type=acc)
+        dp = jnp.einsum("nqd,nkd->nqk", dot, vt, preferred_element_type=acc)
         ds = jnp.where(keep, p * (dp - deltat[..., None]), 0.0)
         ds_raw, dmod = vjp(ds)
         return p, ds_raw, dmod
 
     dq = None
     if need_dq:
-        q_pos = block_positions(jnp.arange(lay.mq), lay.bq)[None, None, None]
 
-        def dq_body_for(num, idx, apply_mask):
-            def body(j, dq):
-                blk = idx[..., j]
-                t = _tile_indices(lay, q_pos, block_positions(blk, lay.bkv))
-                kt, vt = _take(kb, blk, False), _take(vb, blk, False)
-                keep = _keep(problem, lay, t, j < num, apply_mask)
-                _, ds, _ = probs_and_ds(t, qb, kt, vt, dob, lseb, deltab, keep, False)
-                return dq + jnp.einsum(
-                    "...qk,...kd->...qd",
-                    ds.astype(kt.dtype),
-                    kt,
-                    preferred_element_type=acc,
-                )
+        def dq_group(rows: _Rows, extra):
+            idx_q = (rows.b, rows.h, rows.block)
+            qt, dot, lset, deltat = qb[idx_q], dob[idx_q], lseb[idx_q], deltab[idx_q]
+            q_pos = block_positions(rows.block, lay.bq)
 
-            return body
+            def body_for(num, idx, apply_mask):
+                def body(j, dq):
+                    blk = idx[:, j]
+                    t = _tile(rows, q_pos, block_positions(blk, lay.bkv))
+                    kt = kb[rows.b, rows.h // g, blk]
+                    vt = vb[rows.b, rows.h // g, blk]
+                    keep = _keep(problem, lay, t, j < num, apply_mask)
+                    _, ds, _ = probs_and_ds(
+                        t, qt, kt, vt, dot, lset, deltat, keep, False
+                    )
+                    return dq + jnp.einsum(
+                        "nqk,nkd->nqd",
+                        ds.astype(kt.dtype),
+                        kt,
+                        preferred_element_type=acc,
+                    )
 
-        dq = _for_each_list(problem, lay, "kv", dq_body_for, jnp.zeros(qb.shape, acc))
-        dq = _ungroup(dq * problem.scale).reshape(q.shape[:2] + (-1, q.shape[-1]))
+                return body
+
+            return (_sweep(rows, body_for, jnp.zeros(qt.shape, acc)),), extra
+
+        rows = _rows(problem, lay, "kv")
+        init = (jnp.zeros((rows.b.shape[0], lay.bq, q.shape[-1]), acc),)
+        (dq,), _ = _by_groups(rows, lay, dq_group, init)
+        dq = (dq * problem.scale).reshape(lay.b, lay.hq, -1, q.shape[-1])
         dq = dq[:, :, : lay.lq].astype(q.dtype)
 
     dk = dv = dmod = None
     if need_dkv or need_dmod:
-        kv_pos = block_positions(jnp.arange(lay.nkv), lay.bkv)[None, None, None]
+
+        def dkv_group(rows: _Rows, dmod):
+            kt = kb[rows.b, rows.h // g, rows.block]
+            vt = vb[rows.b, rows.h // g, rows.block]
+            kv_pos = block_positions(rows.block, lay.bkv)
+
+            def body_for(num, idx, apply_mask):
+                def body(j, carry):
+                    dk, dv, dmod = carry
+                    blk = idx[:, j]
+                    t = _tile(rows, block_positions(blk, lay.bq), kv_pos)
+                    idx_q = (rows.b, rows.h, blk)
+                    qt, dot = qb[idx_q], dob[idx_q]
+                    keep = _keep(problem, lay, t, j < num, apply_mask)
+                    p, ds, dmod_j = probs_and_ds(
+                        t, qt, kt, vt, dot, lseb[idx_q], deltab[idx_q], keep, need_dmod
+                    )
+                    dv = dv + jnp.einsum(
+                        "nqk,nqd->nkd",
+                        p.astype(dot.dtype),
+                        dot,
+                        preferred_element_type=acc,
+                    )
+                    dk = dk + jnp.einsum(
+                        "nqk,nqd->nkd",
+                        ds.astype(qt.dtype),
+                        qt,
+                        preferred_element_type=acc,
+                    )
+                    if need_dmod:
+                        dmod = jax.tree_util.tree_map(jnp.add, dmod, dmod_j)
+                    return dk, dv, dmod
+
+                return body
+
+            init = (jnp.zeros(kt.shape, acc), jnp.zeros(vt.shape, acc), dmod)
+            dk, dv, dmod = _sweep(rows, body_for, init)
+            return (dk, dv), dmod
+
         dmod0 = None
         if need_dmod:
             dmod0 = jax.tree_util.tree_map(
                 jnp.zeros_like, eqx.filter(problem.score_mod, eqx.is_inexact_array)
             )
-        shape_kv = (lay.b, lay.hkv, lay.g, lay.nkv, lay.bkv)
+        rows = _rows(problem, lay, "q")
+        r = rows.b.shape[0]
         init = (
-            jnp.zeros((*shape_kv, k.shape[-1]), acc),
-            jnp.zeros((*shape_kv, v.shape[-1]), acc),
-            dmod0,
+            jnp.zeros((r, lay.bkv, k.shape[-1]), acc),
+            jnp.zeros((r, lay.bkv, v.shape[-1]), acc),
         )
-        kbg, vbg = kb[:, :, None], vb[:, :, None]
-
-        def dkv_body_for(num, idx, apply_mask):
-            def body(j, carry):
-                dk, dv, dmod = carry
-                blk = idx[..., j]
-                t = _tile_indices(lay, block_positions(blk, lay.bq), kv_pos)
-                qt, dot = _take(qb, blk, True), _take(dob, blk, True)
-                lset, deltat = _take(lseb, blk, True), _take(deltab, blk, True)
-                keep = _keep(problem, lay, t, j < num, apply_mask)
-                p, ds, dmod_j = probs_and_ds(
-                    t, qt, kbg, vbg, dot, lset, deltat, keep, need_dmod
-                )
-                dv = dv + jnp.einsum(
-                    "...qk,...qd->...kd",
-                    p.astype(dot.dtype),
-                    dot,
-                    preferred_element_type=acc,
-                )
-                dk = dk + jnp.einsum(
-                    "...qk,...qd->...kd",
-                    ds.astype(qt.dtype),
-                    qt,
-                    preferred_element_type=acc,
-                )
-                if need_dmod:
-                    dmod = jax.tree_util.tree_map(jnp.add, dmod, dmod_j)
-                return dk, dv, dmod
-
-            return body
-
-        dk, dv, dmod = _for_each_list(problem, lay, "q", dkv_body_for, init)
+        (dk, dv), dmod = _by_groups(rows, lay, dkv_group, init, dmod0)
 
         def finish(x, like):
-            x = jnp.sum(x, axis=2)  # sum over the query heads sharing a kv head
-            x = x.reshape(lay.b, lay.hkv, -1, x.shape[-1])[:, :, : lay.lkv]
-            return x.astype(like.dtype)
+            # Sum over the query heads that share a key/value head.
+            x = x.reshape(lay.b, lay.hkv, g, -1, x.shape[-1]).sum(axis=2)
+            return x[:, :, : lay.lkv].astype(like.dtype)
 
         dk = finish(dk * problem.scale, k)
         dv = finish(dv, v)
@@ -322,9 +369,23 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
 
 
 class XlaBackend(AbstractBackend):
-    """Blockwise flash attention in `lax` loops; any JAX platform."""
+    """Blockwise flash attention in `lax` loops; any JAX platform.
+
+    `kernel_options={"row_groups": n}` sets how many batches of rows, grouped by
+    list length, are looped over separately (default 4; 1 is one loop over every
+    row, for the longest list).
+    """
 
     name = "xla"
+    option_names = ("row_groups",)
+
+    def check(self, problem: AttentionProblem) -> None:
+        super().check(problem)
+        groups = problem.options().get("row_groups", DEFAULT_ROW_GROUPS)
+        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+            raise ValueError(
+                f"kernel_options['row_groups'] must be a positive int, got {groups!r}."
+            )
 
     def forward(self, problem: AttentionProblem) -> tuple[Array, Array]:
         return _forward(problem)
