@@ -46,7 +46,8 @@ def finite_difference_check(f, args, key, eps=1e-6, rtol=1e-6):
     u = jax.tree_util.tree_unflatten(
         tree, [jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)]
     )
-    g = eqx.filter_grad(lambda p: f(*eqx.combine(p, static)))(params)
+    f = eqx.filter_jit(f)  # one compilation instead of op-by-op dispatch
+    g = eqx.filter_jit(eqx.filter_grad(lambda p: f(*eqx.combine(p, static))))(params)
     directional = sum(
         jnp.vdot(a, b)
         for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(u))
@@ -106,8 +107,10 @@ def test_matches_reference_gradients(backend, mod_name, getkey):
     bm = fa.create_block_mask(mod_mask, None, hq, lq, lkv, block_size=(8, 16))
     mod = to_f64(MODS[mod_name](getkey(), hq))
     args = (q, k, v, mod)
-    got = eqx.filter_grad(lambda a: loss_fn(backend, bm, True)(*a))(args)
-    want = eqx.filter_grad(lambda a: loss_fn("reference", bm, True)(*a))(args)
+    grad = lambda name: eqx.filter_jit(
+        eqx.filter_grad(lambda a: loss_fn(name, bm, True)(*a))
+    )
+    got, want = grad(backend)(args), grad("reference")(args)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert np.all(np.isfinite(g))
         np.testing.assert_allclose(g, w, atol=1e-10, rtol=1e-9)
@@ -166,11 +169,10 @@ def test_low_precision_gradients(dtype, getkey):
     q, k, v = random_qkv(getkey(), 1, 2, 2, 32, 32, 16, dtype=dtype)
     bm = fa.create_block_mask(masks.causal_mask, None, None, 32, 32, block_size=16)
     alibi = score_mods.generate_alibi_bias(2)
-    got = jax.grad(loss_fn("xla", bm), argnums=(0, 1, 2, 3))(q, k, v, alibi)
+    grad = lambda name: jax.jit(jax.grad(loss_fn(name, bm), argnums=(0, 1, 2, 3)))
+    got = grad("xla")(q, k, v, alibi)
     up = lambda x: x.astype(jnp.float64)
-    want = jax.grad(loss_fn("reference", bm), argnums=(0, 1, 2, 3))(
-        up(q), up(k), up(v), to_f64(alibi)
-    )
+    want = grad("reference")(up(q), up(k), up(v), to_f64(alibi))
     tol = 1e-4 if dtype == jnp.float32 else 5e-2
     assert [g.dtype for g in got[:3]] == [dtype] * 3
     assert got[3].slopes.dtype == jnp.float32
