@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
 from ._block_mask import BlockMask, noop_mask
-from ._mods import convert_mask_mod, convert_score_mod, INDEX_DTYPE
+from ._mods import convert_mask_mod, convert_score_mod
 
 
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
@@ -120,23 +120,9 @@ def _check_kernel_options(options: Any) -> tuple[tuple[str, Any], ...]:
 
 def full_block_mask(lq: int, lkv: int, block_size: int = _DEFAULT_BLOCK) -> BlockMask:
     """The mask that attends everywhere: every block full, mask mod never evaluated."""
-    mq, nkv = math.ceil(lq / block_size), math.ceil(lkv / block_size)
-    arange = lambda n, m: jnp.broadcast_to(
-        jnp.arange(m, dtype=INDEX_DTYPE), (1, 1, n, m)
-    )
-    zeros = lambda *s: jnp.zeros((1, 1, *s), INDEX_DTYPE)
-    return BlockMask(
-        zeros(mq),
-        arange(mq, nkv),
-        jnp.full((1, 1, mq), nkv, INDEX_DTYPE),
-        arange(mq, nkv),
-        zeros(nkv),
-        arange(nkv, mq),
-        jnp.full((1, 1, nkv), mq, INDEX_DTYPE),
-        arange(nkv, mq),
-        block_size=block_size,
-        seq_lengths=(lq, lkv),
-        mask_mod=noop_mask,
+    shape = (1, 1, math.ceil(lq / block_size), math.ceil(lkv / block_size))
+    return BlockMask._from_dense(
+        jnp.zeros(shape, bool), jnp.ones(shape, bool), block_size, (lq, lkv), noop_mask
     )
 
 

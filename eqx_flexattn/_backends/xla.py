@@ -196,7 +196,7 @@ def _by_groups(rows: _Rows, lay: _Layout, fn: Callable, outputs: tuple, extra=No
 def _forward(problem: AttentionProblem) -> tuple[Array, Array]:
     lay = _layout(problem)
     acc = problem.acc_dtype
-    g = lay.hq // lay.hkv
+    g = problem.groups
     qb = _to_blocks(problem.q, lay.mq, lay.bq)  # B Hq Mq bq D
     kb = _to_blocks(problem.k, lay.nkv, lay.bkv)  # B Hkv Nkv bkv D
     vb = _to_blocks(problem.v, lay.nkv, lay.bkv)
@@ -251,7 +251,7 @@ def _forward(problem: AttentionProblem) -> tuple[Array, Array]:
 def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
     lay = _layout(problem)
     acc = problem.acc_dtype
-    g = lay.hq // lay.hkv
+    g = problem.groups
     q, k, v = problem.q, problem.k, problem.v
     nonempty = jnp.isfinite(lse)
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1)
