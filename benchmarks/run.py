@@ -128,6 +128,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-minutes", type=float, help="total measuring time")
     p.add_argument("--mask-lengths", type=csv, help="create_block_mask lengths")
     p.add_argument("--no-mask-bench", action="store_true")
+    p.add_argument(
+        "--forward-only", action="store_true", help="time the forward pass only"
+    )
     p.add_argument("--list", action="store_true", help="list and exit")
     return p.parse_args(argv)
 
@@ -146,6 +149,7 @@ class Settings:
     plan: list[Step]
     deadlines: list[float | None]  # one per plan step, then one for the masks
     mask_lengths: tuple[int, ...]
+    forward_only: bool = False
 
 
 def make_settings(args: argparse.Namespace) -> tuple[str, Settings]:
@@ -193,6 +197,7 @@ def make_settings(args: argparse.Namespace) -> tuple[str, Settings]:
         plan=plan,
         deadlines=deadlines,
         mask_lengths=mask_lengths,
+        forward_only=args.forward_only,
     )
 
 
@@ -310,7 +315,7 @@ def run_case(impl, case, config, ws, settings, deadline, results: Results) -> st
         results.skip(impl.name, case.name, config.name, error)
         return error
     bwd, note = None, None
-    if config.backward:
+    if config.backward and not settings.forward_only:
         note = impl.backward_problem(case, config)
         if note is None:
             bwd, error = timed(

@@ -15,7 +15,7 @@ receive gradients from the fused backward pass.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -149,3 +149,344 @@ class _CastOutput(eqx.Module):
 
     def __call__(self, *args):
         return jnp.asarray(self.mod(*args)).astype(self.dtype)
+
+
+# ---------------------------------------------------------------------------------
+# Mods as kernel operands.
+#
+# A fused kernel cannot close over arrays, and Mosaic GPU has no gather on register
+# tiles. So every lookup a mod makes into its arrays (`slopes[h]`, `ids[b, q_idx]`) is
+# hoisted out of the kernel: the lookup's value is precomputed, outside the kernel, as
+# a small *table* over the indices it depends on, and the kernel loads the table's
+# entry for its tile:
+#   - "scalar": depends on the batch and head at most -> one value per program;
+#   - "q": depends on q_idx (and maybe b, h) -> the query block's slice, a column;
+#   - "kv": depends on kv_idx (and maybe b, h) -> the key block's slice, a row.
+# What remains of the mod is scalar arithmetic on (score, b, h, q_idx, kv_idx, table
+# values), which a kernel evaluates elementwise on its tiles. A lookup indexed by both
+# q_idx and kv_idx (a relative-position table) or by the score is not a kernel operand:
+# `kernel_mod` raises NotImplementedError saying so, and the kernel backend declines.
+
+_INDEX_NAMES = ("b", "h", "q", "kv")
+_CALL_PRIMITIVES = {
+    "jit": "jaxpr",
+    "pjit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+    "custom_jvp_call": "call_jaxpr",
+    "custom_vjp_call": "call_jaxpr",
+    "remat": "jaxpr",
+    "checkpoint": "jaxpr",
+}
+
+
+def _read(env, v):
+    return v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+
+
+def _bind(eqn, invals) -> list:
+    """Applies one equation's primitive (jax 0.10 and 0.11 spell this differently)."""
+    params = eqn.primitive.get_bind_params(eqn.params)
+    subfuns = ()
+    if isinstance(params, tuple):  # jax < 0.11: (subfuns, params)
+        subfuns, params = params
+    outs = eqn.primitive.bind(*subfuns, *invals, **params)
+    return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def _eval_inlined(jaxpr, consts, *args):
+    """`eval_jaxpr`, but nested calls (`jit`, `custom_jvp`, ...) are evaluated
+    equation by equation: tracing this gives one flat jaxpr."""
+    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
+    for eqn in jaxpr.eqns:
+        invals = [_read(env, v) for v in eqn.invars]
+        inner = _CALL_PRIMITIVES.get(eqn.primitive.name)
+        if inner is not None and inner in eqn.params:
+            sub = eqn.params[inner]
+            if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                outs = _eval_inlined(sub.jaxpr, sub.consts, *invals)
+            else:
+                outs = _eval_inlined(sub, (), *invals)
+        else:
+            outs = _bind(eqn, invals)
+        env.update(zip(eqn.outvars, outs))
+    return [_read(env, v) for v in jaxpr.outvars]
+
+
+class OperandSpec(NamedTuple):
+    """How a kernel loads one hoisted table.
+
+    `kind` is "scalar" (table `(B|1, H|1)`: the program's entry), "q" (table
+    `(B|1, H|1, Lq)`: the query block's slice) or "kv" (table `(B|1, H|1, Lkv)`: the
+    key block's slice). `dtype` is the value's dtype inside the mod; tables are stored
+    as int32 (integers, bools) or float32 (floats).
+    """
+
+    kind: str
+    batch: bool
+    head: bool
+    dtype: Any
+
+
+def _storage_dtype(dtype):
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.float32
+    return jnp.int32
+
+
+class _Split(NamedTuple):
+    """The static result of splitting a mod's program (hashable)."""
+
+    flat: Any  # ClosedJaxpr: (*consts, *args) -> out
+    n_consts: int
+    hoisted: tuple  # flat-jaxpr vars whose values become tables
+    specs: tuple[OperandSpec, ...]
+    apply: Any  # ClosedJaxpr: (*args, *values) -> out, scalar arithmetic only
+    uses: frozenset  # which of "b", "h", "q", "kv" the apply reads
+
+
+def _scalar_args(mod: ScalarMod) -> list:
+    is_score = mod.score_dtype is not None
+    args = [jax.ShapeDtypeStruct((), mod.score_dtype)] if is_score else []
+    return args + list(_scalar_indices(4))
+
+
+def _program(mod: ScalarMod):
+    """(jaxpr, consts) of a converted mod: its arrays are the consts."""
+    fn = mod.fn
+    if hasattr(fn, "jaxpr"):
+        return fn.jaxpr, jax.tree_util.tree_leaves(fn.consts)
+    closed = jax.make_jaxpr(fn)(*_scalar_args(mod))  # a mod holding no arrays
+    return closed.jaxpr, list(closed.consts)
+
+
+def _split(mod: ScalarMod) -> _Split:
+    program, consts = _program(mod)
+    is_score = mod.score_dtype is not None
+    args = _scalar_args(mod)
+    flat = jax.make_jaxpr(lambda c, *a: _eval_inlined(program, c, *a))(consts, *args)
+    jaxpr = flat.jaxpr
+    n_consts = len(jax.tree_util.tree_leaves(consts))
+    const_vars = jaxpr.invars[:n_consts]
+    arg_vars = jaxpr.invars[n_consts:]
+    names = (["score"] if is_score else []) + list(_INDEX_NAMES)
+    deps = {v: frozenset() for v in const_vars}
+    deps |= {v: frozenset({n}) for v, n in zip(arg_vars, names)}
+    scalar = lambda v: isinstance(v, jax.extend.core.Literal) or v.aval.shape == ()
+    hoisted = [v for v in const_vars if v.aval.shape == ()]
+    for eqn in jaxpr.eqns:
+        d = frozenset().union(
+            *(deps[v] for v in eqn.invars if not isinstance(v, jax.extend.core.Literal))
+        )
+        for v in eqn.outvars:
+            deps[v] = d
+        lookup = any(not scalar(v) for v in eqn.invars)
+        if lookup:
+            hoisted += [v for v in eqn.outvars if scalar(v)]
+    what = f"{'score_mod' if is_score else 'mask_mod'} `{mod.name}`"
+    # Keep only the hoisted values the output needs (walking back from the output
+    # and stopping at hoisted values), and check what remains is scalar arithmetic.
+    hoisted_set = set(hoisted)
+    live = {v for v in jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if not any(v in live for v in eqn.outvars):
+            continue
+        if all(v in hoisted_set for v in eqn.outvars):
+            continue  # a table value: computed outside the kernel
+        for v in eqn.invars:
+            if not isinstance(v, jax.extend.core.Literal):
+                live.add(v)
+    needed = live & hoisted_set
+    for v in live:
+        if v in hoisted_set or v in arg_vars:
+            continue
+        if v in const_vars or v.aval.shape != ():
+            raise NotImplementedError(
+                f"{what} computes with a whole array (shape {v.aval.shape}) rather "
+                "than looking up single entries: kernels take only element lookups."
+            )
+    hoisted = [v for v in hoisted if v in needed]
+    specs = []
+    for v in hoisted:
+        d = deps[v]
+        if "score" in d:
+            raise NotImplementedError(
+                f"{what} indexes an array with a value computed from the score; "
+                "kernels take lookups indexed by b, h, q_idx and kv_idx only."
+            )
+        if {"q", "kv"} <= d:
+            raise NotImplementedError(
+                f"{what} looks up an array at an index that depends on both q_idx and "
+                "kv_idx (such as a relative-position table); kernels take lookups "
+                "indexed by q_idx or by kv_idx, not both, so far."
+            )
+        kind = "q" if "q" in d else "kv" if "kv" in d else "scalar"
+        specs.append(OperandSpec(kind, "b" in d, "h" in d, v.aval.dtype))
+
+    hoisted_t = tuple(hoisted)
+
+    def apply_fn(*a):
+        a, values = a[: len(args)], a[len(args) :]
+        env = dict(zip(arg_vars, a)) | dict(zip(hoisted_t, values))
+        for eqn in jaxpr.eqns:
+            if all(v in env for v in eqn.outvars) or not any(
+                v in live for v in eqn.outvars
+            ):
+                continue
+            invals = [_read(env, v) for v in eqn.invars]
+            env.update(zip(eqn.outvars, _bind(eqn, invals)))
+        return _read(env, jaxpr.outvars[0])
+
+    value_structs = [jax.ShapeDtypeStruct((), s.dtype) for s in specs]
+    apply = jax.make_jaxpr(apply_fn)(*args, *value_structs)
+    for v in _all_vars(apply.jaxpr):
+        if jnp.dtype(v.aval.dtype).itemsize > 4:
+            raise NotImplementedError(
+                f"{what} computes in {v.aval.dtype} (64-bit arrays under jax_enable_x64); "
+                "kernels compute in 32 bits."
+            )
+    for s in specs:
+        if jnp.dtype(s.dtype).itemsize > 4:
+            raise NotImplementedError(
+                f"{what} reads a {s.dtype} array; kernels take 32-bit tables."
+            )
+    arg_in = apply.jaxpr.invars[len(args) - 4 : len(args)]
+    read_vars = {
+        v for e in apply.jaxpr.eqns for v in e.invars
+        if not isinstance(v, jax.extend.core.Literal)
+    } | {v for v in apply.jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
+    uses = frozenset(n for n, v in zip(_INDEX_NAMES, arg_in) if v in read_vars)
+    return _Split(flat, n_consts, hoisted_t, tuple(specs), apply, uses)
+
+
+def _all_vars(jaxpr):
+    yield from jaxpr.invars
+    for e in jaxpr.eqns:
+        yield from e.outvars
+
+
+class KernelMod(eqx.Module):
+    """A mod in the form a kernel takes: tables to load, and scalar arithmetic.
+
+    Built by [`kernel_mod`][]. `tables[i]` is loaded as `specs[i]` says; `apply`
+    evaluates the mod on tiles from those values.
+    """
+
+    tables: tuple[jax.Array, ...]
+    split: _Split = eqx.field(static=True)
+    name: str = eqx.field(static=True)
+
+    @property
+    def specs(self) -> tuple[OperandSpec, ...]:
+        return self.split.specs
+
+    @property
+    def uses(self) -> frozenset:
+        """Which of "b", "h", "q", "kv" the mod reads besides its tables."""
+        return self.split.uses
+
+    def apply(self, *args_and_values):
+        """`apply(score, b, h, q_idx, kv_idx, *values)` (score mods) or
+        `apply(b, h, q_idx, kv_idx, *values)` (mask mods), on broadcastable arrays
+        (`values[i]` loaded from `tables[i]`, stored dtype): elementwise."""
+        n = len(args_and_values) - len(self.specs)
+        args, values = args_and_values[:n], args_and_values[n:]
+        values = [
+            jnp.asarray(x).astype(s.dtype) for x, s in zip(values, self.specs)
+        ]
+        return jnp.vectorize(self._fn)(*args, *values)
+
+    def apply_tile(self, *args_and_values):
+        """`apply` inside a kernel: every array argument has the tile's shape (the
+        kernel broadcasts rows and columns itself), the others are scalars."""
+        n = len(args_and_values) - len(self.specs)
+        args = list(args_and_values[:n]) + [
+            x.astype(s.dtype) for x, s in zip(args_and_values[n:], self.specs)
+        ]
+        axes = [0 if jnp.ndim(x) else None for x in args]
+        if all(a is None for a in axes):
+            return self._fn(*args)
+        fn = self._fn
+        for _ in range(max(jnp.ndim(x) for x in args)):
+            fn = jax.vmap(fn, in_axes=axes)
+        return fn(*args)
+
+    def _fn(self, *args):
+        apply = self.split.apply
+        return jax.core.eval_jaxpr(apply.jaxpr, apply.consts, *args)[0]
+
+
+def kernel_mod(
+    mod: ScalarMod, b: int, h: int, lq: int, lkv: int, *, lq_pad: int, lkv_pad: int
+) -> KernelMod:
+    """Splits a closure-converted mod into tables and scalar arithmetic for kernels.
+
+    `b`, `h`, `lq`, `lkv` are the problem's sizes; tables of kind "q"/"kv" are built
+    for `lq_pad`/`lkv_pad` positions (positions past the length read the last one).
+    Raises `NotImplementedError`, with a sentence, for mods a kernel cannot take.
+    """
+    split = _split_cached(mod)
+    consts = _program(mod)[1]
+    is_score = mod.score_dtype is not None
+    hoisted = split.hoisted
+
+    def values_at(bi, hi, qi, kvi):
+        env_fn = lambda *a: _eval_to(split.flat.jaxpr, hoisted, consts, *a)
+        score = [jnp.zeros((), mod.score_dtype)] if is_score else []
+        return env_fn(*score, bi, hi, qi, kvi)
+
+    tables = []
+    for i, spec in enumerate(split.specs):
+        bi = jnp.arange(b if spec.batch else 1, dtype=INDEX_DTYPE)[:, None, None]
+        hi = jnp.arange(h if spec.head else 1, dtype=INDEX_DTYPE)[None, :, None]
+        zero = jnp.zeros((1, 1, 1), INDEX_DTYPE)
+        qi = kvi = zero
+        if spec.kind == "q":
+            qi = jnp.minimum(jnp.arange(lq_pad, dtype=INDEX_DTYPE), lq - 1)[None, None]
+        elif spec.kind == "kv":
+            kvi = jnp.minimum(jnp.arange(lkv_pad, dtype=INDEX_DTYPE), lkv - 1)
+            kvi = kvi[None, None]
+        one = jnp.vectorize(lambda *a, i=i: values_at(*a)[i])(bi, hi, qi, kvi)
+        one = one.astype(_storage_dtype(spec.dtype))
+        tables.append(one[..., 0] if spec.kind == "scalar" else one)
+    return KernelMod(tuple(tables), split, mod.name)
+
+
+def _eval_to(jaxpr, wanted, consts, *args):
+    """Values of the variables `wanted` of a flat jaxpr (its invars: consts, args)."""
+    n = len(consts)
+    env = dict(zip(jaxpr.invars[:n], consts)) | dict(zip(jaxpr.invars[n:], args))
+    remaining = set(wanted) - set(env)
+    for eqn in jaxpr.eqns:
+        if not remaining:
+            break
+        invals = [_read(env, v) for v in eqn.invars]
+        env.update(zip(eqn.outvars, _bind(eqn, invals)))
+        remaining -= set(eqn.outvars)
+    return [env[v] for v in wanted]
+
+
+_SPLITS: dict = {}
+
+
+def _split_cached(mod: ScalarMod) -> _Split:
+    """Splits are cached per traced program (the jaxpr object), so a backend's
+    `check` and `forward` analyse a mod once."""
+    program = getattr(mod.fn, "jaxpr", None)
+    if program is None:  # no arrays: the program is traced afresh (cheap)
+        return _split(mod)
+    key = (id(program), mod.score_dtype)
+    hit = _SPLITS.get(key)
+    if hit is not None and hit[0] is program:
+        split = hit[1]
+    else:
+        try:
+            split = _split(mod)
+        except NotImplementedError as e:
+            split = e
+        if len(_SPLITS) > 256:
+            _SPLITS.clear()
+        _SPLITS[key] = (program, split)
+    if isinstance(split, NotImplementedError):
+        raise split
+    return split

@@ -14,8 +14,14 @@ logger = logging.getLogger("eqx_flexattn")
 BACKENDS: dict[str, AbstractBackend] = {
     b.name: b for b in (ReferenceBackend(), XlaBackend())
 }
+try:
+    from .mosaic import MosaicBackend
+
+    BACKENDS["mosaic"] = MosaicBackend()
+except ImportError:  # pragma: no cover
+    pass
 # Fastest first; `auto` takes the first that accepts the problem.
-AUTO_ORDER: tuple[str, ...] = ("xla",)
+AUTO_ORDER: tuple[str, ...] = tuple(n for n in ("mosaic", "xla") if n in BACKENDS)
 
 
 def select_backend(

@@ -1,0 +1,396 @@
+"""The Pallas Mosaic GPU forward kernel (Hopper): block-sparse flash attention.
+
+One program per (query head, query block, batch); a query block is `2 * block_q`
+rows, one `block_q`-row half per consumer warpgroup, and is one row of the
+`BlockMask` (at tile size `(2 * block_q, block_kv)`). A third, producer warpgroup
+streams the K/V tiles that the row's block list names into a `num_stages`-deep
+shared-memory ring by TMA: full blocks first, then partial ones. The consumers share
+each K/V tile: Q·Kᵀ and P·V run on the tensor cores (wgmma), the two warpgroups
+ping-pong so that one's softmax overlaps the other's matmuls (FlashAttention-3), the
+score mod runs on every tile and the mask mod on partial tiles only, both evaluated
+elementwise from the mods' hoisted tables (`_mods.KernelMod`). Softmax runs in
+base 2 in float32 (`_tiles`); output and lse are written by TMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .._mods import KernelMod
+from ._tiles import LN_2, LOG2_E, masked, rowwise, softmax_finish, softmax_step
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardShape:
+    """Static sizes of one forward call (lengths padded to the tiles)."""
+
+    b: int
+    hq: int
+    hkv: int
+    lq: int  # true lengths
+    lkv: int
+    lq_pad: int
+    lkv_pad: int
+    d: int
+    dv: int
+    block_q: int  # rows per consumer warpgroup
+    block_kv: int
+    num_stages: int
+    scale: float
+    interpret: bool
+
+    @property
+    def groups(self) -> int:
+        return self.hq // self.hkv
+
+
+def forward(
+    shape: ForwardShape,
+    q,
+    k,
+    v,
+    counts,
+    blocks,
+    score_mod: KernelMod | None,
+    mask_mod: KernelMod,
+):
+    """Runs the kernel on padded `q (B, Hq, Lq_pad, D)`, `k (B, Hkv, Lkv_pad, D)`,
+    `v (B, Hkv, Lkv_pad, Dv)`; `counts (B|1, H|1, Mq, 2)` int32 holds each query
+    block's number of full blocks and of all blocks, `blocks (B|1, H|1, Mq, Nkv)` its
+    key blocks, full ones first. Returns `out (B, Hq, Lq_pad, Dv)` in q's dtype and
+    `lse (B, Hq, Lq_pad)` float32 (natural log)."""
+    s = shape
+    dtype = q.dtype
+    bq, bkv, stages = s.block_q, s.block_kv, s.num_stages
+    mq = s.lq_pad // (2 * bq)
+    mask_b, mask_h = blocks.shape[:2]
+    score_tables = () if score_mod is None else score_mod.tables
+    mask_tables = mask_mod.tables
+    n_score = len(score_tables)
+    wg_layout = plgpu.Layout.WGMMA
+    row_layout = plgpu.Layout.WGMMA.reduce(1)
+    col_layout = plgpu.Layout.WGMMA.reduce(0)
+    q_ragged = s.lq_pad != s.lq
+    kv_ragged = s.lkv_pad != s.lkv
+
+    def kernel(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
+        score_refs = refs[:n_score]
+        mask_refs = refs[n_score : n_score + len(mask_tables)]
+        out_ref, lse_ref = refs[n_score + len(mask_tables) : -1]
+        scoped = refs[-1]
+        smem, barriers, consumed, schedule = scoped
+        q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
+        k_barriers, v_barriers, q_barriers = barriers
+        k_consumed, v_consumed = consumed
+
+        h = lax.axis_index("heads")
+        qi = mq - 1 - lax.axis_index("q")  # heaviest (last) query blocks first
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        mb = b if mask_b > 1 else 0
+        mh = h if mask_h > 1 else 0
+        n_full = counts_ref[mb, mh, qi, 0]
+        n_all = counts_ref[mb, mh, qi, 1]
+
+        def schedule_barrier():
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem = q_smem2.at[wg]
+            q0 = qi * (2 * bq) + wg * bq
+            plgpu.copy_gmem_to_smem(
+                q_ref.at[b, h, pl.ds(q0, bq)], q_smem, q_barriers.at[wg]
+            )
+            # Hoisted mod tables: per-program scalars and query-block columns are
+            # read once; key-block rows at every step.
+            def load_static(mod, mod_refs):
+                values = []
+                for spec, ref in zip(mod.specs, mod_refs):
+                    tb = b if spec.batch else 0
+                    th = h if spec.head else 0
+                    if spec.kind == "scalar":
+                        values.append(ref[tb, th])
+                    elif spec.kind == "q":
+                        values.append(
+                            plgpu.load(
+                                ref.at[tb, th, pl.ds(q0, bq)],
+                                (),
+                                layout=row_layout,
+                                optimized=False,
+                            )
+                        )
+                    else:
+                        values.append(None)
+                return values
+
+            score_static = (
+                load_static(score_mod, score_refs) if score_mod is not None else []
+            )
+            mask_static = load_static(mask_mod, mask_refs)
+            plgpu.barrier_wait(q_barriers.at[wg])
+
+            m_i = plgpu.layout_cast(
+                jnp.full((bq,), -jnp.inf, jnp.float32), row_layout
+            )
+            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
+            acc = plgpu.layout_cast(
+                jnp.full((bq, s.dv), 0.0, jnp.float32), wg_layout
+            )
+
+            @pl.when(n_all > 0)
+            def _():
+                plgpu.barrier_wait(k_barriers.at[0])
+
+            pl.when(wg == 1)(schedule_barrier)
+
+            def tile_values(mod, mod_refs, static, kv0, shape2):
+                """The mod's table values for this tile, broadcast to its shape."""
+                values = []
+                for spec, ref, val in zip(mod.specs, mod_refs, static):
+                    if spec.kind == "scalar":
+                        values.append(val)
+                    elif spec.kind == "q":
+                        values.append(rowwise(val, jnp.zeros(shape2, val.dtype)))
+                    else:
+                        tb = b if spec.batch else 0
+                        th = h if spec.head else 0
+                        row = plgpu.load(
+                            ref.at[tb, th, pl.ds(kv0, bkv)],
+                            (),
+                            layout=col_layout,
+                            optimized=False,
+                        )
+                        values.append(lax.broadcast_in_dim(row, shape2, (1,)))
+                return values
+
+            def index_tiles(kv0, uses):
+                shape2 = (bq, bkv)
+                q_idx = kv_idx = jnp.int32(0)
+                if "q" in uses:
+                    q_idx = plgpu.broadcasted_iota(
+                        jnp.int32, shape2, 0, layout=wg_layout
+                    ) + q0
+                    if q_ragged:
+                        q_idx = jnp.minimum(q_idx, s.lq - 1)
+                if "kv" in uses:
+                    kv_idx = plgpu.broadcasted_iota(
+                        jnp.int32, shape2, 1, layout=wg_layout
+                    ) + kv0
+                    if kv_ragged:
+                        kv_idx = jnp.minimum(kv_idx, s.lkv - 1)
+                return q_idx, kv_idx
+
+            def step(t, carry, *, apply_mask: bool):
+                acc, m_i, l_i = carry
+                slot = lax.rem(t, stages)
+                blk = blocks_ref[mb, mh, qi, t]
+                kv0 = blk * bkv
+
+                def compute_qk(acc_ref):
+                    plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+                    schedule_barrier()
+                    return acc_ref[...]
+
+                sc = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                shape2 = (bq, bkv)
+                if score_mod is None:
+                    sc = sc * (s.scale * LOG2_E)
+                else:
+                    q_idx, kv_idx = index_tiles(kv0, score_mod.uses)
+                    vals = tile_values(score_mod, score_refs, score_static, kv0, shape2)
+                    sc = score_mod.apply_tile(sc * s.scale, b, h, q_idx, kv_idx, *vals)
+                    sc = sc * LOG2_E
+                if apply_mask:
+                    uses = mask_mod.uses | ({"kv"} if kv_ragged else set())
+                    q_idx, kv_idx = index_tiles(kv0, uses)
+                    vals = tile_values(mask_mod, mask_refs, mask_static, kv0, shape2)
+                    keep = mask_mod.apply_tile(b, h, q_idx, kv_idx, *vals)
+                    if kv_ragged:
+                        raw_kv = plgpu.broadcasted_iota(
+                            jnp.int32, shape2, 1, layout=wg_layout
+                        ) + kv0
+                        keep = keep & (raw_kv < s.lkv)
+                    if jnp.ndim(keep):
+                        sc = masked(sc, keep)
+                    else:  # a mask that ignores positions: no per-element select
+                        sc = sc + jnp.where(keep, 0.0, -jnp.inf)
+                m_i, alpha, p = softmax_step(m_i, sc, jnp.exp2)
+                acc = acc * rowwise(alpha, acc)
+                l_i = l_i * alpha
+                p16 = p.astype(dtype)
+
+                def end_softmax_barriers():
+                    plgpu.barrier_arrive(schedule)  # softmax done
+                    plgpu.barrier_wait(v_barriers.at[slot])
+                    plgpu.barrier_wait(schedule)  # tensor cores free
+
+                if s.dv <= 128:
+                    l_i = l_i + p.sum(axis=1)
+                    acc, l_i, m_i, p16 = lax.optimization_barrier((acc, l_i, m_i, p16))
+                    end_softmax_barriers()
+                else:
+                    end_softmax_barriers()
+                    l_i = l_i + p.sum(axis=1)
+
+                def wait_next_k():
+                    nxt = t + 1
+
+                    @pl.when(nxt < n_all)
+                    def _():
+                        plgpu.barrier_wait(k_barriers.at[lax.rem(nxt, stages)])
+
+                acc = _pv(acc, p16, v_smem.at[slot], p_smem2, wg, wait_next_k)
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, m_i, l_i
+
+            carry = (acc, m_i, l_i)
+            carry = lax.fori_loop(
+                0, n_full, lambda t, c: step(t, c, apply_mask=False), carry
+            )
+            carry = lax.fori_loop(
+                n_full, n_all, lambda t, c: step(t, c, apply_mask=True), carry
+            )
+            acc, m_i, l_i = carry
+            pl.when(wg == 0)(schedule_barrier)
+
+            out, lse2 = softmax_finish(acc, l_i, m_i, jnp.log2)
+            o_smem = (q_smem2 if o_smem2 is None else o_smem2).at[wg]
+            o_smem[...] = out.astype(dtype)
+            lse_smem = lse_smem2.at[wg]
+            lse_smem[...] = lse2 * LN_2
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, h, pl.ds(q0, bq)])
+            plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(h, jnp.array(s.groups, h.dtype))
+
+            def fetch(t, slot):
+                blk = blocks_ref[mb, mh, qi, t]
+                rows = (b, kvh, pl.ds(blk * bkv, bkv))
+                plgpu.copy_gmem_to_smem(
+                    k_ref.at[rows], k_smem.at[slot], k_barriers.at[slot]
+                )
+                plgpu.copy_gmem_to_smem(
+                    v_ref.at[rows], v_smem.at[slot], v_barriers.at[slot]
+                )
+
+            for i in range(stages):
+                pl.when(i < n_all)(lambda i=i: fetch(i, i))
+
+            @pl.loop(0, jnp.maximum(n_all - stages, 0))
+            def _(t):
+                slot = lax.rem(t, stages)
+                plgpu.barrier_wait(k_consumed.at[slot])
+                plgpu.barrier_wait(v_consumed.at[slot])
+                fetch(t + stages, slot)
+
+            # Observe the consumers' last release of every slot used, so each
+            # barrier ends in a completed phase.
+            for i in range(stages):
+
+                @pl.when(i < n_all)
+                def _():
+                    plgpu.barrier_wait(k_consumed.at[i])
+                    plgpu.barrier_wait(v_consumed.at[i])
+
+    def entry(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
+        tiling = plgpu.TilingTransform((8, 64))
+        swizzle = plgpu.SwizzleTransform(128)
+        transforms = (tiling, swizzle)
+        smem = [
+            plgpu.SMEM((2, bq, s.d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bkv, s.d), dtype, transforms=transforms),
+            plgpu.SMEM((stages, bkv, s.dv), dtype, transforms=transforms),
+            # The output tile reuses Q's buffer when the head dims agree.
+            None
+            if s.dv == s.d
+            else plgpu.SMEM((2, bq, s.dv), dtype, transforms=transforms),
+            plgpu.SMEM((2, bq), jnp.float32),
+            # P staged in shared memory, in interpret mode only (its wgmma takes
+            # no register operand).
+            plgpu.SMEM((2, bq, bkv), dtype, transforms=transforms)
+            if s.interpret
+            else None,
+        ]
+        pl.run_scoped(
+            lambda *scoped: kernel(
+                q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs, scoped
+            ),
+            smem,
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=2),
+            ),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    out_type = (
+        jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad, s.dv), dtype),
+        jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad), jnp.float32),
+    )
+    kwargs = {}
+    if s.interpret:
+        kwargs["interpret"] = plgpu.InterpretGPUParams()
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(s.hq, mq, s.b),
+        grid_names=("heads", "q", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **kwargs,
+    )(q, k, v, counts, blocks, *score_tables, *mask_tables)
+
+
+def _pv(acc, p16, v_tile, p_smem2, wg, during):
+    """`acc + p16 @ v_tile` on the tensor cores, running `during()` meanwhile.
+
+    On the GPU, P stays in registers and the wgmma accumulates into `acc` in place.
+    The interpreter runs neither form: there P goes through shared memory into a
+    fresh accumulator.
+    """
+    if p_smem2 is None:
+
+        def compute(acc_ref):
+            plgpu.wgmma(acc_ref, p16, v_tile)
+            during()
+
+        return pl.run_state(compute)(plgpu.ACC.init(acc))
+    p_smem = p_smem2.at[wg]
+    p_smem[...] = p16
+    plgpu.commit_smem()
+
+    def compute_fresh(acc_ref):
+        plgpu.wgmma(acc_ref, p_smem, v_tile)
+        during()
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(compute_fresh, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def tile_rows(block_q: int) -> int:
+    """Query rows per program (one BlockMask row)."""
+    return 2 * block_q
+
+
+def padded(length: int, tile: int) -> int:
+    return math.ceil(length / tile) * tile
