@@ -151,11 +151,10 @@ def test_unimportable_backend_declines(monkeypatch, getkey):
     broken.__getattr__ = __getattr__
     monkeypatch.setitem(sys.modules, "eqx_flexattn_test_broken", broken)
     monkeypatch.setattr(_backends, "BACKENDS", dict(_backends.BACKENDS))
-    monkeypatch.setattr(_backends, "_AUTO", [])
+    monkeypatch.setattr(_backends, "AUTO_ORDER", ())
     _backends.register("missing", "eqx_flexattn_test_missing_module", "Backend")
     _backends.register("broken", "eqx_flexattn_test_broken", "BrokenBackend")
     _backends.register("xla", ".xla", "XlaBackend")
-    monkeypatch.setattr(_backends, "AUTO_ORDER", tuple(_backends._AUTO))
     assert _backends.AUTO_ORDER == ("missing", "broken", "xla")
 
     q, k, v = random_qkv(getkey(), 1, 1, 1, 8, 8, 4)

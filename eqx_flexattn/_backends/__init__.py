@@ -35,7 +35,8 @@ class UnavailableBackend(AbstractBackend):
 
 
 BACKENDS: dict[str, AbstractBackend] = {}
-_AUTO: list[str] = []
+# Fastest first; `auto` takes the first that accepts the problem.
+AUTO_ORDER: tuple[str, ...] = ()
 
 
 def register(name: str, module: str, attr: str, *, auto: bool = True) -> None:
@@ -47,6 +48,7 @@ def register(name: str, module: str, attr: str, *, auto: bool = True) -> None:
     moved a Pallas submodule) registers an `UnavailableBackend` instead: importing
     eqx_flexattn never fails, and `explain_backend` says why the backend is missing.
     """
+    global AUTO_ORDER
     try:
         backend = getattr(importlib.import_module(module, __name__), attr)()
     except (ImportError, AttributeError) as e:
@@ -55,8 +57,8 @@ def register(name: str, module: str, attr: str, *, auto: bool = True) -> None:
     if backend.name != name:
         raise AssertionError(f"backend {attr} is named {backend.name!r}, not {name!r}")
     BACKENDS[name] = backend
-    if auto and name not in _AUTO:
-        _AUTO.append(name)
+    if auto and name not in AUTO_ORDER:
+        AUTO_ORDER = (*AUTO_ORDER, name)
 
 
 # One line per backend, fastest first.
@@ -64,9 +66,6 @@ def register(name: str, module: str, attr: str, *, auto: bool = True) -> None:
 # register("triton", ".triton", "TritonBackend")  # other NVIDIA GPUs
 register("xla", ".xla", "XlaBackend")
 register("reference", ".reference", "ReferenceBackend", auto=False)
-
-# Fastest first; `auto` takes the first that accepts the problem.
-AUTO_ORDER: tuple[str, ...] = tuple(_AUTO)
 
 
 def select_backend(
