@@ -104,7 +104,7 @@ def test_torch_keys(fake):
 
 def test_typos_and_bad_sections(fake):
     q, k, v = random_qkv(jax_key(), 1, 1, 1, 8, 8, 4)
-    with pytest.raises(ValueError, match="key 'row_group' .* Did you mean 'row_groups'"):
+    with pytest.raises(ValueError, match="'row_group' .* Did you mean 'row_groups'"):
         fa.flex_attention(q, k, v, kernel_options={"row_group": 2})
     with pytest.raises(ValueError, match=r"Accepted: backend options \['block_kv', "):
         fa.flex_attention(q, k, v, kernel_options={"BLOCKM": 2})
