@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
@@ -15,6 +15,7 @@ from jaxtyping import Array, Float
 
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
+from ._backends._config import normalise_options
 from ._block_mask import BlockMask, noop_mask
 from ._mods import convert_mask_mod, convert_score_mod
 
@@ -107,17 +108,6 @@ def _check_scale(scale: Any, d: int) -> float:
     return float(scale)
 
 
-def _check_kernel_options(options: Any) -> tuple[tuple[str, Any], ...]:
-    if options is None:
-        return ()
-    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
-        raise TypeError(
-            "`kernel_options` must be a dict with str keys, got "
-            f"{type(options).__name__}."
-        )
-    return tuple(sorted(options.items()))
-
-
 def full_block_mask(lq: int, lkv: int, block_size: int = _DEFAULT_BLOCK) -> BlockMask:
     """The mask that attends everywhere: every block full, mask mod never evaluated."""
     shape = (1, 1, math.ceil(lq / block_size), math.ceil(lkv / block_size))
@@ -167,7 +157,7 @@ def _problem(
         mask_mod=convert_mask_mod(block_mask.mask_mod),
         block_mask=block_mask,
         scale=_check_scale(scale, d),
-        kernel_options=_check_kernel_options(kernel_options),
+        kernel_options=normalise_options(kernel_options),
     )
 
 
@@ -210,7 +200,14 @@ def flex_attention(
         head `h // (Hq // Hkv)`).
     - `return_lse`: also return the log-sum-exp of the scores (natural log).
     - `backend`: `"auto"`, `"xla"` or `"reference"` (dense, for testing).
-    - `kernel_options`: backend-specific tuning options.
+    - `kernel_options`: tuning hints. Flat keys go to every backend that has that
+        option (others ignore them): `{"row_groups": 4}`; a backend's name targets
+        that backend only and wins over flat keys: `{"xla": {"row_groups": 4}}`;
+        `"interpret": True` runs Pallas kernel backends in interpret mode. PyTorch
+        FlexAttention's keys are accepted: `BLOCK_M`/`BLOCK_N` (query/key tile),
+        `num_warps`, `num_stages` go to backends with that option, and any that a
+        backend ignores is noted once (a `UserWarning`). Any other key raises
+        `ValueError`.
 
     **Returns:** the output `(B, Hq, Lq, Dv)` in the dtype of `query`; with
     `return_lse=True`, also `lse (B, Hq, Lq)` in float32 (float64 for float64

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._attention import flex_attention
+from ._backends._config import expand_options, normalise_options
 from ._block_mask import BlockMask, create_block_mask
 
 
@@ -284,7 +285,7 @@ class MultiheadFlexAttention(eqx.Module):
         self.scale = None if scale is None else float(scale)
         self.block_size = block_size
         self.backend = backend
-        self.kernel_options = tuple(sorted((kernel_options or {}).items()))
+        self.kernel_options = normalise_options(kernel_options)
 
     def __call__(
         self,
@@ -347,7 +348,7 @@ class MultiheadFlexAttention(eqx.Module):
             scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
             backend=self.backend,
-            kernel_options=dict(self.kernel_options) or None,
+            kernel_options=expand_options(self.kernel_options),
         )
         out = jnp.swapaxes(out[0], 0, 1).reshape(q_seq, self.num_heads * self.vo_size)
         return jax.vmap(self.output_proj)(out)

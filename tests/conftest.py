@@ -18,3 +18,30 @@ def getkey():
         return sub
 
     return _getkey
+
+
+@pytest.fixture(autouse=True)
+def _interpret_kernel_backends(request, monkeypatch):
+    """A test parametrised over `backend` runs a kernel backend in interpret mode on
+    a machine without GPU: every call's kernel_options get `{name: {"interpret":
+    True}}` (merged under the test's own section for that backend)."""
+    callspec = getattr(request.node, "callspec", None)
+    name = callspec.params.get("backend") if callspec else None
+    if not isinstance(name, str):
+        return
+    from eqx_flexattn import _attention
+    from eqx_flexattn._backends import BACKENDS
+
+    from helpers import interpret_options
+
+    extra = interpret_options(name) if name in BACKENDS else {}
+    if not extra:
+        return
+    normalise = _attention.normalise_options
+
+    def with_interpret(options):
+        options = dict(options or {})
+        options[name] = {**extra[name], **dict(options.get(name) or {})}
+        return normalise(options)
+
+    monkeypatch.setattr(_attention, "normalise_options", with_interpret)

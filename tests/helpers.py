@@ -57,3 +57,63 @@ def to_f64(tree):
         ),
         tree,
     )
+
+
+# Backends under test ---------------------------------------------------------------
+#
+# Tests parametrised with `backend_params()` run on every registered backend, a future
+# `mosaic` or `triton` included without edits. A backend that declines a small, plain
+# problem on this platform (an UnavailableBackend, a GPU kernel on a CPU machine) is
+# skipped with its own reason; a kernel backend (`interpretable = True`) runs instead
+# in Pallas interpret mode when no GPU is present: conftest's autouse fixture adds
+# `kernel_options={name: {"interpret": True}}` to every call during that test.
+
+
+def on_gpu() -> bool:
+    return jax.devices()[0].platform == "gpu"
+
+
+def interpret_options(name: str) -> dict:
+    """The kernel options a test adds for backend `name`: interpret mode for kernel
+    backends when there is no GPU, else none."""
+    from eqx_flexattn._backends import BACKENDS
+
+    if BACKENDS[name].interpretable and not on_gpu():
+        return {name: {"interpret": True}}
+    return {}
+
+
+def decline_reason(name: str) -> str | None:
+    """Why backend `name` declines a small float32 problem here (None: it accepts)."""
+    from eqx_flexattn._attention import _problem
+    from eqx_flexattn._backends import BACKENDS
+
+    q = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.float32)
+    found = []
+
+    def probe(q):
+        problem = _problem(q, q, q, None, None, None, False, interpret_options(name))
+        try:
+            BACKENDS[name].check(problem)
+        except NotImplementedError as e:
+            found.append(str(e))
+
+    jax.eval_shape(probe, q)
+    return found[0] if found else None
+
+
+def backend_params(*, reference: bool = True) -> list:
+    """`pytest.param` per registered backend (without `reference` if asked), marked
+    skip with the backend's reason where it declines on this platform."""
+    import pytest
+
+    from eqx_flexattn._backends import BACKENDS
+
+    params = []
+    for name in BACKENDS:
+        if name == "reference" and not reference:
+            continue
+        reason = decline_reason(name)
+        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params

@@ -4,15 +4,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import numpy_attention, random_qkv
+from helpers import backend_params, numpy_attention, random_qkv
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
-from eqx_flexattn._backends import BACKENDS
 
 
-KERNEL_BACKENDS = [name for name in BACKENDS if name != "reference"]
-ALL_BACKENDS = list(BACKENDS)
+KERNEL_BACKENDS = backend_params(reference=False)
+ALL_BACKENDS = backend_params()
 
 
 def np_causal(b, h, q, kv):
@@ -345,10 +344,9 @@ def test_error_options():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="Unknown backend 'cuda'"):
         fa.flex_attention(q, k, v, backend="cuda")
-    with pytest.raises(
-        ValueError,
-        match=r"kernel_options \['BLOCK_M'\] are not understood by the 'xla' backend",
-    ):
-        fa.flex_attention(q, k, v, backend="xla", kernel_options={"BLOCK_M": 64})
+    with pytest.raises(ValueError, match="key 'BLOK_M' is not an option.*'BLOCK_M'"):
+        fa.flex_attention(q, k, v, backend="xla", kernel_options={"BLOK_M": 64})
+    with pytest.raises(TypeError, match="kernel_options"):
+        fa.flex_attention(q, k, v, kernel_options=[("row_groups", 2)])
     with pytest.raises(TypeError, match="scale"):
         fa.flex_attention(q, k, v, scale="big")

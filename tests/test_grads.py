@@ -5,14 +5,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_qkv, to_f64
+from helpers import backend_params, random_qkv, to_f64
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
-from eqx_flexattn._backends import BACKENDS
 
 
-KERNEL_BACKENDS = [name for name in BACKENDS if name != "reference"]
+KERNEL_BACKENDS = backend_params(reference=False)
+ALL_BACKENDS = backend_params()
 
 
 def loss_fn(backend, block_mask, enable_gqa=False):
@@ -69,7 +69,7 @@ MODS = {
 }
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("mod_name", list(MODS))
 def test_finite_differences(backend, mod_name, getkey):
     q, k, v = random_qkv(getkey(), 1, 2, 2, 21, 27, 8, 6)
@@ -78,7 +78,7 @@ def test_finite_differences(backend, mod_name, getkey):
     finite_difference_check(loss_fn(backend, bm), (q, k, v, mod), getkey())
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_finite_differences_gqa_head_mask(backend, getkey):
     """An independent check of the block logic: per-head, per-batch mask with fully
     masked rows, GQA, ragged lengths and unequal block sizes."""
@@ -121,7 +121,7 @@ def test_matches_reference_gradients(backend, mod_name, getkey):
     )
 
 
-@pytest.mark.parametrize("backend", list(BACKENDS))
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_closure_captured_array_gets_gradient(backend, getkey):
     q, k, v = random_qkv(getkey(), 1, 2, 2, 16, 16, 8)
 

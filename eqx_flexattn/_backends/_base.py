@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import equinox as eqx
 import jax
@@ -12,6 +12,7 @@ from jaxtyping import Array, Float
 
 from .._block_mask import BlockMask
 from .._mods import INDEX_DTYPE, ScalarMod
+from ._config import AbstractConfig, config_for, EmptyConfig, Options
 
 
 def accumulator_dtype(dtype):
@@ -34,7 +35,9 @@ class AttentionProblem(eqx.Module):
     mask_mod: ScalarMod
     block_mask: BlockMask
     scale: float = eqx.field(static=True)
-    kernel_options: tuple[tuple[str, Any], ...] = eqx.field(static=True, default=())
+    # `kernel_options` as given, normalised by `normalise_options`: read them only
+    # through `config_for` / `AbstractBackend.config`.
+    kernel_options: Options = eqx.field(static=True, default=())
 
     @property
     def acc_dtype(self):
@@ -45,34 +48,79 @@ class AttentionProblem(eqx.Module):
         """Query heads per key/value head (1 without GQA)."""
         return self.q.shape[1] // self.k.shape[1]
 
-    def options(self) -> dict[str, Any]:
-        return dict(self.kernel_options)
+    def config_for(self, backend: AbstractBackend) -> AbstractConfig:
+        """`backend`'s validated config, built from `kernel_options`."""
+        return config_for(backend.name, self.kernel_options)
 
 
 class AbstractBackend(eqx.Module):
     """One executor of the flex-attention semantics.
 
-    `check` raises `NotImplementedError` (saying what and why) for a problem the
-    backend cannot take; `forward` returns `(out, lse)`; `backward` returns the
-    gradients as an `AttentionProblem`-shaped PyTree. Backends with
-    `differentiable = True` are differentiated by JAX autodiff instead (the dense
-    reference).
+    A backend is a small stateless module with a `name`, a `config_class` (the frozen
+    options it reads from `kernel_options`, see
+    [`AbstractConfig`][eqx_flexattn._backends._config.AbstractConfig]) and three
+    methods. The dispatcher calls `check`, then wires `forward` and `backward` into a
+    `custom_vjp`; a backend with `differentiable = True` (the dense reference) is
+    differentiated by JAX autodiff instead and needs no `backward`.
+
+    Kernel backends (Pallas) set `interpretable = True`: they take
+    `kernel_options={"interpret": True}` and then run on CPU in Pallas interpret
+    mode; the test suite runs them so.
     """
 
     name: ClassVar[str]
+    config_class: ClassVar[type[AbstractConfig] | None] = EmptyConfig
     differentiable: ClassVar[bool] = False
-    option_names: ClassVar[tuple[str, ...]] = ()
+    interpretable: ClassVar[bool] = False
+
+    def config(self, problem: AttentionProblem) -> AbstractConfig:
+        """This backend's validated config for `problem`'s `kernel_options`.
+
+        **Raises:** `ValueError` for a key no backend knows, or a bad value of one of
+        this backend's options.
+        """
+        return config_for(self.name, problem.kernel_options)
 
     def check(self, problem: AttentionProblem) -> None:
-        unknown = set(problem.options()) - set(self.option_names)
-        if unknown:
-            raise ValueError(
-                f"kernel_options {sorted(unknown)} are not understood by the "
-                f"{self.name!r} backend, which takes {list(self.option_names)}."
-            )
+        """Whether this backend can run `problem`, on this platform, with its config.
+
+        Called once per trace, before `forward`; it may inspect shapes, dtypes, the
+        block mask's static block size, the mods' types and `self.config(problem)`,
+        but not array values (they may be tracers).
+
+        **Arguments:**
+
+        - `problem`: the validated call.
+
+        **Returns:** `None` when the backend accepts the problem.
+
+        **Raises:**
+
+        - `NotImplementedError` with one sentence saying what it cannot take and why
+            ("head dim 8: Mosaic wgmma needs a multiple of 16", "no NVIDIA GPU of
+            compute capability 9.0 or newer"). `auto` then tries the next backend and
+            reports the sentence through `explain_backend` and a debug log.
+        - `ValueError` for a bad value of one of its options (from `self.config`).
+
+        The default accepts every problem whose config builds.
+        """
+        self.config(problem)
 
     @abc.abstractmethod
-    def forward(self, problem: AttentionProblem) -> tuple[Array, Array]: ...
+    def forward(self, problem: AttentionProblem) -> tuple[Array, Array]:
+        """The attention output and its log-sum-exp.
+
+        **Arguments:**
+
+        - `problem`: a problem `check` accepted.
+
+        **Returns:** `(out, lse)`: `out` of shape `(B, Hq, Lq, Dv)` in `problem.q`'s
+        dtype; `lse` of shape `(B, Hq, Lq)` in `problem.acc_dtype` (float32, float64
+        for float64 inputs), natural log. A fully masked row has `out` 0 and `lse`
+        `-inf`, and no NaN anywhere.
+
+        **Raises:** nothing for a problem `check` accepted.
+        """
 
     def backward(
         self,
@@ -83,6 +131,26 @@ class AbstractBackend(eqx.Module):
         dlse: Array | None,
         perturbed: AttentionProblem,
     ) -> AttentionProblem:
+        """The gradient of `forward`'s outputs' cotangents with respect to `problem`.
+
+        **Arguments:**
+
+        - `problem`: as given to `forward`.
+        - `out`, `lse`: what `forward` returned.
+        - `dout`: the cotangent of `out` (same shape and dtype), or `None` (zero).
+        - `dlse`: the cotangent of `lse`, or `None` (zero; `return_lse=False`).
+        - `perturbed`: `problem`'s structure with `bool` leaves, True where a
+            gradient is needed (Equinox's `filter_custom_vjp` convention); a backend
+            may skip the work for the others.
+
+        **Returns:** an `AttentionProblem`-shaped PyTree (build it with
+        [`grads_like`][]): `dq`, `dk`, `dv` shaped and typed like `q`, `k`, `v`, the
+        score mod's inexact array leaves' gradients in their place, and `None` for
+        every other leaf (block mask indices, the mask mod's arrays, integer leaves).
+
+        **Raises:** `NotImplementedError` if the backend has no backward pass (only
+        valid with `differentiable = True`).
+        """
         raise NotImplementedError(f"the {self.name!r} backend has no backward pass")
 
 

@@ -7,10 +7,10 @@ kernel's output and log-sum-exp.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array
@@ -18,52 +18,52 @@ from jaxtyping import Array
 from .._mods import INDEX_DTYPE, KernelMod, kernel_mod
 from . import _mosaic_fwd
 from ._base import AbstractBackend, AttentionProblem
+from ._config import AbstractConfig, check_bool
 from .xla import XlaBackend
 
 
-@dataclasses.dataclass(frozen=True)
-class MosaicConfig:
-    """Tiles of the Mosaic GPU kernel.
+class MosaicConfig(AbstractConfig):
+    """Options of the `mosaic` backend.
 
-    - `block_q`: query rows per consumer warpgroup (64); a program takes two
-        warpgroups, i.e. `2 * block_q` rows: one BlockMask row.
-    - `block_kv`: keys per tile (default 128, or 64 for head dims over 128).
-    - `num_stages`: depth of the K/V shared-memory ring (default 2).
-    - `interpret`: run in the Pallas Mosaic GPU interpreter (CPU; for tests).
+    - `block_q`: query rows per consumer warpgroup (64, the wgmma height); a program
+        runs two consumer warpgroups, `2 * block_q` rows: one BlockMask row.
+    - `block_kv`: keys per tile: 64, 128 or 256 (default 128, 64 for head dims over
+        128). PyTorch's `BLOCK_N` sets it.
+    - `num_stages`: depth of the K/V shared-memory ring, 2 to 4 (default 2; shared
+        memory limits it: at D=128 and `block_kv=128` only 2 fit). PyTorch's
+        `num_stages` sets it.
+    - `interpret`: run in the Pallas Mosaic GPU interpreter (on CPU, for tests).
     """
 
-    block_q: int = 64
-    block_kv: int | None = None
-    num_stages: int = 2
-    interpret: bool = False
+    block_q: int = eqx.field(static=True, default=64)
+    block_kv: int | None = eqx.field(static=True, default=None)
+    num_stages: int = eqx.field(static=True, default=2)
+    interpret: bool = eqx.field(static=True, default=False)
 
-    def __post_init__(self):
+    torch_names = {"BLOCK_N": "block_kv", "num_stages": "num_stages"}
+
+    def __check_init__(self):
         if self.block_q != 64:
-            raise ValueError(f"kernel_options['block_q'] must be 64, got {self.block_q}.")
+            raise ValueError(
+                f"mosaic backend: kernel_options['block_q'] must be 64, got "
+                f"{self.block_q!r}."
+            )
         if self.block_kv is not None and self.block_kv not in (64, 128, 256):
             raise ValueError(
-                f"kernel_options['block_kv'] must be 64, 128 or 256, got {self.block_kv}."
+                "mosaic backend: kernel_options['block_kv'] must be 64, 128 or 256, "
+                f"got {self.block_kv!r}."
             )
-        if not isinstance(self.num_stages, int) or not 2 <= self.num_stages <= 4:
+        if self.num_stages not in (2, 3, 4) or isinstance(self.num_stages, bool):
             raise ValueError(
-                f"kernel_options['num_stages'] must be 2, 3 or 4, got {self.num_stages!r}."
+                "mosaic backend: kernel_options['num_stages'] must be 2, 3 or 4, got "
+                f"{self.num_stages!r}."
             )
-        if not isinstance(self.interpret, bool):
-            raise ValueError(
-                f"kernel_options['interpret'] must be a bool, got {self.interpret!r}."
-            )
+        check_bool("mosaic", "interpret", self.interpret)
 
     def kv_tile(self, head_dim: int) -> int:
         if self.block_kv is not None:
             return self.block_kv
         return 128 if head_dim <= 128 else 64
-
-
-def _config(problem: AttentionProblem) -> MosaicConfig:
-    opts = problem.options()
-    return MosaicConfig(
-        **{f.name: opts[f.name] for f in dataclasses.fields(MosaicConfig) if f.name in opts}
-    )
 
 
 def _pad_to(x: Array, axis: int, size: int) -> Array:
@@ -110,15 +110,15 @@ def _block_lists(problem: AttentionProblem, rows: int, cols: int, kv_ragged: boo
 class MosaicBackend(AbstractBackend):
     """Pallas Mosaic GPU kernels (Hopper and newer GPUs): see `_mosaic_fwd`.
 
-    `kernel_options`: `block_kv`, `num_stages`, `interpret` (see `MosaicConfig`).
+    Options: [`MosaicConfig`][] (`kernel_options={"mosaic": {"num_stages": 3}}`).
     """
 
     name = "mosaic"
-    option_names = ("block_q", "block_kv", "num_stages", "interpret", "row_groups")
+    config_class = MosaicConfig
+    interpretable = True
 
     def check(self, problem: AttentionProblem) -> None:
-        super().check(problem)
-        cfg = _config(problem)
+        cfg = self.config(problem)
         if not cfg.interpret:
             dev = jax.devices()[0]
             cc = getattr(dev, "compute_capability", None)
@@ -161,7 +161,7 @@ class MosaicBackend(AbstractBackend):
         return score, mask
 
     def forward(self, problem: AttentionProblem) -> tuple[Array, Array]:
-        cfg = _config(problem)
+        cfg = self.config(problem)
         q, k, v = problem.q, problem.k, problem.v
         b, hq, lq, d = q.shape
         hkv, lkv, dv = v.shape[1:]

@@ -32,6 +32,7 @@ from jaxtyping import Array
 
 from .._mods import INDEX_DTYPE
 from ._base import AbstractBackend, AttentionProblem, block_positions, grads_like
+from ._config import AbstractConfig, check_positive_int
 
 
 # Measured on an H100 (benchmarks/results): 4 groups took causal attention at
@@ -63,7 +64,7 @@ def _layout(problem: AttentionProblem) -> _Layout:
     # A single block covers the whole sequence: tile at its length (decoding).
     bq = bq if mq > 1 else lq
     bkv = bkv if nkv > 1 else lkv
-    groups = problem.options().get("row_groups", DEFAULT_ROW_GROUPS)
+    groups = problem.config_for(XlaBackend()).row_groups
     return _Layout(b, hq, hkv, lq, lkv, bq, bkv, mq, nkv, groups)
 
 
@@ -373,24 +374,32 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
     return dq, dk, dv, dmod
 
 
+class XlaConfig(AbstractConfig):
+    """Options of the `xla` backend.
+
+    - `row_groups`: how many batches of rows, grouped by list length, are looped
+        over separately (default 1: one loop over every row, for the longest list;
+        4 speeds up causal masks on long sequences).
+
+    The xla backend tiles at the BlockMask's block size, so PyTorch's `BLOCK_M`,
+    `BLOCK_N`, `num_warps` and `num_stages` have no equivalent here.
+    """
+
+    row_groups: int = eqx.field(static=True, default=DEFAULT_ROW_GROUPS)
+
+    def __check_init__(self):
+        check_positive_int("xla", "row_groups", self.row_groups)
+
+
 class XlaBackend(AbstractBackend):
     """Blockwise flash attention in `lax` loops; any JAX platform.
 
-    `kernel_options={"row_groups": n}` sets how many batches of rows, grouped by
-    list length, are looped over separately (default 1: one loop over every row, for
-    the longest list; 4 speeds up causal masks on long sequences).
+    Options: [`XlaConfig`][] (`kernel_options={"row_groups": n}` or
+    `kernel_options={"xla": {"row_groups": n}}`).
     """
 
     name = "xla"
-    option_names = ("row_groups",)
-
-    def check(self, problem: AttentionProblem) -> None:
-        super().check(problem)
-        groups = problem.options().get("row_groups", DEFAULT_ROW_GROUPS)
-        if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
-            raise ValueError(
-                f"kernel_options['row_groups'] must be a positive int, got {groups!r}."
-            )
+    config_class = XlaConfig
 
     def forward(self, problem: AttentionProblem) -> tuple[Array, Array]:
         return _forward(problem)
