@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import KernelMod
-from ._tiles import LN_2, LOG2_E, masked, rowwise, softmax_finish, softmax_step
+from ._tiles import LN_2, LOG2_E, clamped, masked, rowwise, softmax_finish, softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +124,6 @@ def forward(
                         values.append(
                             plgpu.load(
                                 ref.at[tb, th, pl.ds(q0, bq)],
-                                (),
                                 layout=row_layout,
                                 optimized=False,
                             )
@@ -166,7 +165,6 @@ def forward(
                         th = h if spec.head else 0
                         row = plgpu.load(
                             ref.at[tb, th, pl.ds(kv0, bkv)],
-                            (),
                             layout=col_layout,
                             optimized=False,
                         )
@@ -181,18 +179,18 @@ def forward(
                         jnp.int32, shape2, 0, layout=wg_layout
                     ) + q0
                     if q_ragged:
-                        q_idx = jnp.minimum(q_idx, s.lq - 1)
+                        q_idx = clamped(q_idx, s.lq)
                 if "kv" in uses:
                     kv_idx = plgpu.broadcasted_iota(
                         jnp.int32, shape2, 1, layout=wg_layout
                     ) + kv0
                     if kv_ragged:
-                        kv_idx = jnp.minimum(kv_idx, s.lkv - 1)
+                        kv_idx = clamped(kv_idx, s.lkv)
                 return q_idx, kv_idx
 
             def step(t, carry, *, apply_mask: bool):
                 acc, m_i, l_i = carry
-                slot = lax.rem(t, stages)
+                slot = lax.rem(t, jnp.int32(stages))
                 blk = blocks_ref[mb, mh, qi, t]
                 kv0 = blk * bkv
 
@@ -248,7 +246,7 @@ def forward(
 
                     @pl.when(nxt < n_all)
                     def _():
-                        plgpu.barrier_wait(k_barriers.at[lax.rem(nxt, stages)])
+                        plgpu.barrier_wait(k_barriers.at[lax.rem(nxt, jnp.int32(stages))])
 
                 acc = _pv(acc, p16, v_smem.at[slot], p_smem2, wg, wait_next_k)
                 plgpu.barrier_arrive(v_consumed.at[slot])
@@ -256,7 +254,7 @@ def forward(
 
             carry = (acc, m_i, l_i)
             carry = lax.fori_loop(
-                0, n_full, lambda t, c: step(t, c, apply_mask=False), carry
+                jnp.int32(0), n_full, lambda t, c: step(t, c, apply_mask=False), carry
             )
             carry = lax.fori_loop(
                 n_full, n_all, lambda t, c: step(t, c, apply_mask=True), carry
@@ -292,9 +290,9 @@ def forward(
             for i in range(stages):
                 pl.when(i < n_all)(lambda i=i: fetch(i, i))
 
-            @pl.loop(0, jnp.maximum(n_all - stages, 0))
+            @pl.loop(jnp.int32(0), jnp.maximum(n_all - stages, jnp.int32(0)))
             def _(t):
-                slot = lax.rem(t, stages)
+                slot = lax.rem(t, jnp.int32(stages))
                 plgpu.barrier_wait(k_consumed.at[slot])
                 plgpu.barrier_wait(v_consumed.at[slot])
                 fetch(t + stages, slot)

@@ -26,11 +26,10 @@ def rowwise(x: Array, like: Array) -> Array:
     return lax.broadcast_in_dim(x, like.shape, tuple(range(x.ndim)))
 
 
-def positions(start, size: int, length: int | None = None) -> Array:
-    """`start + arange(size)`, clamped to `length - 1` when given: mods only ever see
-    in-range indices (padded positions are masked anyway)."""
-    pos = start + jnp.arange(size, dtype=jnp.int32)
-    return pos if length is None else jnp.minimum(pos, length - 1)
+def clamped(position: Array, length: int) -> Array:
+    """Positions past the sequence (tile padding) clamped to its last one: mods only
+    ever see in-range indices; padded positions are masked anyway."""
+    return jnp.minimum(position, length - 1)
 
 
 def masked(s: Array, keep: Array) -> Array:

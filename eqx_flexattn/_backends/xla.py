@@ -33,6 +33,15 @@ from jaxtyping import Array
 from .._mods import INDEX_DTYPE
 from ._base import AbstractBackend, AttentionProblem, block_positions, grads_like
 from ._config import AbstractConfig, check_positive_int
+from ._tiles import (
+    clamped,
+    masked,
+    probabilities,
+    rowwise,
+    score_gradient,
+    softmax_finish,
+    softmax_step,
+)
 
 
 # Measured on an H100 (benchmarks/results): 4 groups took causal attention at
@@ -140,7 +149,7 @@ def _tile(rows: _Rows, q_pos: Array, kv_pos: Array) -> _Tile:
 
 def _clamp(t: _Tile, lay: _Layout) -> tuple[Array, Array]:
     """Padded positions are masked anyway; mods only ever see in-range indices."""
-    return jnp.minimum(t.q, lay.lq - 1), jnp.minimum(t.kv, lay.lkv - 1)
+    return clamped(t.q, lay.lq), clamped(t.kv, lay.lkv)
 
 
 def _keep(problem, lay: _Layout, t: _Tile, valid: Array, apply_mask: bool) -> Array:
@@ -221,24 +230,18 @@ def _forward(problem: AttentionProblem) -> tuple[Array, Array]:
                 kt = kb[rows.b, rows.h // g, blk]
                 vt = vb[rows.b, rows.h // g, blk]
                 s = _scores(problem, lay, t, qt, kt)
-                s = jnp.where(_keep(problem, lay, t, j < num, apply_mask), s, -jnp.inf)
-                m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-                m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-                alpha = jnp.exp(m - m_safe)
-                p = jnp.exp(s - m_safe[..., None])
+                s = masked(s, _keep(problem, lay, t, j < num, apply_mask))
+                m_new, alpha, p = softmax_step(m, s)
                 pv = jnp.einsum(
                     "nqk,nkd->nqd", p.astype(vt.dtype), vt, preferred_element_type=acc
                 )
                 denom = alpha * denom + jnp.sum(p, axis=-1)
-                return m_new, denom, alpha[..., None] * o + pv
+                return m_new, denom, rowwise(alpha, o) * o + pv
 
             return body
 
         m, denom, o = _sweep(rows, body_for, init)
-        nonempty = denom > 0
-        denom_safe = jnp.where(nonempty, denom, 1.0)
-        lse = jnp.where(nonempty, m + jnp.log(denom_safe), -jnp.inf)
-        return (o / denom_safe[..., None], lse), extra
+        return softmax_finish(o, denom, m), extra
 
     rows = _rows(problem, lay, "kv")
     r = rows.b.shape[0]
@@ -269,9 +272,9 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
 
     def probs_and_ds(t, qt, kt, vt, dot, lset, deltat, keep, want_mod_grad):
         s, vjp = _scores_vjp(problem, lay, t, qt, kt, want_mod_grad)
-        p = jnp.where(keep, jnp.exp(s - lset[..., None]), 0.0)
+        p = probabilities(s, lset, keep)
         dp = jnp.einsum("nqd,nkd->nqk", dot, vt, preferred_element_type=acc)
-        ds = jnp.where(keep, p * (dp - deltat[..., None]), 0.0)
+        ds = jnp.where(keep, score_gradient(p, dp, deltat), 0.0)
         ds_raw, dmod = vjp(ds)
         return p, ds_raw, dmod
 

@@ -1,0 +1,133 @@
+"""Mods split for kernels (`_mods.kernel_mod`): tables plus scalar arithmetic must
+compute exactly what the mod computes, and mods a kernel cannot take are declined."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_flexattn as fa
+from eqx_flexattn import masks, score_mods
+from eqx_flexattn._mods import (
+    convert_mask_mod,
+    convert_score_mod,
+    index_grid,
+    kernel_mod,
+)
+
+
+B, H, LQ, LKV = 2, 4, 40, 56
+PAD_Q, PAD_KV = 64, 64
+IDS = jnp.array([[0] * 10 + [1] * 46, [0] * 25 + [1] * 31], jnp.int32)
+BIAS = jnp.array([0.5, -1.0, 2.0, 3.0], jnp.float32)
+
+MASKS = {
+    "causal": masks.causal_mask,
+    "document_per_batch": fa.and_masks(
+        masks.causal_mask, masks.document_mask(IDS[:, :LQ], IDS)
+    ),
+    "document_shared": masks.document_mask(IDS[0, :LQ], IDS[0]),
+    "sliding_window": masks.sliding_window(5),
+    "prefix_lm": masks.prefix_lm(7),
+    "chunked": masks.chunked(8),
+    "dilated": masks.dilated_sliding_window(3, 2),
+    "neighborhood": masks.neighborhood_2d(8, 1),
+    "noop": fa.noop_mask,
+    "head_dependent": lambda b, h, q, kv: (jnp.abs(q - kv) <= 2 + h) & (b <= 1),
+}
+SCORES = {
+    "alibi": score_mods.Alibi(jnp.linspace(0.1, 0.9, H, dtype=jnp.float32)),
+    "softcap": score_mods.SoftCap(3.0),
+    "checkerboard": score_mods.checkerboard,
+    "head_bias": score_mods.HeadBias(BIAS),
+    "global_bias": score_mods.HeadBias(jnp.array(0.7, jnp.float32)),
+    "composed": score_mods.compose(
+        score_mods.Alibi(jnp.linspace(0.1, 0.9, H, dtype=jnp.float32)),
+        score_mods.SoftCap(5.0),
+    ),
+    "closure_per_query": lambda s, b, h, q, kv: s
+    + BIAS[h] * jnp.sin(q.astype(jnp.float32)),
+    "bf16_table": lambda s, b, h, q, kv: s + BIAS.astype(jnp.bfloat16)[h],
+    # Reductions of arrays are hoisted too: they depend on no index.
+    "reduced_table": lambda s, b, h, q, kv: s + jnp.sum(BIAS) * (q - kv),
+}
+
+
+def _values(km, lq, lkv):
+    """The tables, each broadcast over the (B, H, Lq, Lkv) grid as a kernel loads it."""
+    out = []
+    for table, spec in zip(km.tables, km.specs):
+        if spec.kind == "scalar":
+            out.append(table[:, :, None, None])
+        elif spec.kind == "q":
+            out.append(table[:, :, :lq, None])
+        else:
+            out.append(table[:, :, None, :lkv])
+    return out
+
+
+def _check(converted, is_score):
+    km = kernel_mod(converted, B, H, LQ, LKV, lq_pad=PAD_Q, lkv_pad=PAD_KV)
+    for table, spec in zip(km.tables, km.specs):
+        lead = (B if spec.batch else 1, H if spec.head else 1)
+        tail = {"scalar": (), "q": (PAD_Q,), "kv": (PAD_KV,)}[spec.kind]
+        assert table.shape == lead + tail
+    grid = index_grid(B, H, LQ, LKV)
+    score = jax.random.normal(jax.random.key(0), (B, H, LQ, LKV), jnp.float32)
+    args = ([score] if is_score else []) + list(grid)
+    got = km.apply(*args, *_values(km, LQ, LKV))
+    want = converted(*args)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    return km
+
+
+@pytest.mark.parametrize("name", list(MASKS))
+def test_mask_mods_split_exactly(name):
+    _check(convert_mask_mod(MASKS[name]), is_score=False)
+
+
+@pytest.mark.parametrize("name", list(SCORES))
+def test_score_mods_split_exactly(name):
+    _check(convert_score_mod(SCORES[name], jnp.float32), is_score=True)
+
+
+def test_table_kinds():
+    km = _check(convert_mask_mod(MASKS["document_per_batch"]), is_score=False)
+    assert [(s.kind, s.batch, s.head) for s in km.specs] == [
+        ("q", True, False),
+        ("kv", True, False),
+    ]
+    assert km.uses == {"q", "kv"}
+    km = _check(convert_score_mod(SCORES["alibi"], jnp.float32), is_score=True)
+    assert [(s.kind, s.batch, s.head) for s in km.specs] == [("scalar", False, True)]
+    # Padded positions read the last position's entry.
+    km = _check(convert_mask_mod(MASKS["document_shared"]), is_score=False)
+    np.testing.assert_array_equal(km.tables[0][0, 0, LQ:], IDS[0, LQ - 1])
+
+
+@pytest.mark.parametrize(
+    "mod,match",
+    [
+        (score_mods.RelativePositionBias(H, 8), "depends on both q_idx and kv_idx"),
+        (score_mods.T5RelativeBias(H), "depends on both q_idx and kv_idx"),
+        (
+            lambda s, b, h, q, kv: s + BIAS[(s > 0).astype(jnp.int32)],
+            "computed from the score",
+        ),
+    ],
+)
+def test_declines_with_a_reason(mod, match):
+    with pytest.raises(NotImplementedError, match=match):
+        kernel_mod(
+            convert_score_mod(mod, jnp.float32),
+            B, H, LQ, LKV, lq_pad=PAD_Q, lkv_pad=PAD_KV,
+        )
+
+
+def test_declines_64_bit_arithmetic():
+    table = jnp.arange(H, dtype=jnp.float64)
+    with pytest.raises(NotImplementedError, match="64-bit|float64"):
+        kernel_mod(
+            convert_score_mod(lambda s, b, h, q, kv: s + table[h], jnp.float32),
+            B, H, LQ, LKV, lq_pad=PAD_Q, lkv_pad=PAD_KV,
+        )

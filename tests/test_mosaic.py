@@ -1,0 +1,224 @@
+"""The `mosaic` backend (Pallas Mosaic GPU): on CPU in the Mosaic GPU interpreter,
+against the dense reference; its lowering for the GPU at the real tile sizes; its
+declines and options. GPU runs: `benchmarks/mosaic_check.py`, `tests/gpu/`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import on_gpu
+
+import eqx_flexattn as fa
+from eqx_flexattn import masks, score_mods
+
+
+pytestmark = pytest.mark.skipif(
+    jax.__version_info__ < (0, 11),
+    reason="the Mosaic GPU interpreter and lowering need jax >= 0.11",
+)
+
+INTERPRET = {"mosaic": {"interpret": not on_gpu()}}
+
+
+def _inputs(key, b, hq, hkv, lq, lkv, d, dv, dtype):
+    ks = jax.random.split(key, 3)
+    q = jax.random.normal(ks[0], (b, hq, lq, d), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (b, hkv, lkv, d), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (b, hkv, lkv, dv), jnp.float32).astype(dtype)
+    return q, k, v
+
+
+def _compare(q, k, v, score_mod, block_mask, tol):
+    """mosaic (low precision, interpreted) against reference (float32 on the same
+    rounded inputs): output, lse, fully masked rows."""
+    gqa = q.shape[1] != k.shape[1]
+    out, lse = fa.flex_attention(
+        q, k, v, score_mod, block_mask, enable_gqa=gqa, return_lse=True,
+        backend="mosaic", kernel_options=INTERPRET,
+    )
+    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    f32 = lambda x: x.astype(jnp.float32)
+    want, want_lse = fa.flex_attention(
+        f32(q), f32(k), f32(v), score_mod, block_mask, enable_gqa=gqa,
+        return_lse=True, backend="reference",
+    )
+    out, want = np.asarray(f32(out)), np.asarray(want)
+    lse, want_lse = np.asarray(lse), np.asarray(want_lse)
+    assert not np.isnan(out).any() and not np.isnan(lse).any()
+    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(want_lse))
+    empty = ~np.isfinite(want_lse)
+    np.testing.assert_array_equal(out[empty], 0.0)
+    np.testing.assert_allclose(out, want, atol=tol, rtol=tol)
+    np.testing.assert_allclose(
+        np.where(empty, 0, lse), np.where(empty, 0, want_lse), atol=1e-4, rtol=1e-5
+    )
+
+
+IDS = (jnp.arange(200) * 5 // 200).astype(jnp.int32)
+
+# (name, B, Hq, Hkv, Lq, Lkv, D, Dv, dtype, mask_mod, score_mod, mask B/H)
+CASES = [
+    ("causal_alibi_gqa_ragged", 2, 4, 2, 200, 136, 64, 64, jnp.bfloat16,
+     masks.causal_mask, score_mods.Alibi(jnp.linspace(0.1, 0.9, 4, dtype=jnp.float32)),
+     (None, None)),
+    ("document_per_batch_softcap", 2, 2, 2, 256, 200, 64, 64, jnp.bfloat16,
+     masks.document_mask(jnp.stack([IDS, IDS[::-1]]), jnp.stack([IDS, IDS[::-1]])),
+     score_mods.SoftCap(5.0), (2, None)),
+    ("masked_rows_checkerboard_head_mask", 1, 2, 2, 130, 200, 128, 64, jnp.float16,
+     lambda b, h, q, kv: (q % 3 != 1) & (kv <= q + 70 * h), score_mods.checkerboard,
+     (None, 2)),
+    ("no_mask_long_kv", 1, 2, 1, 100, 300, 32, 96, jnp.float16, None, None,
+     (None, None)),
+    ("sliding_window_closure", 1, 1, 1, 64, 320, 64, 64, jnp.bfloat16,
+     masks.sliding_window(40),
+     lambda s, b, h, q, kv: s + 0.01 * q.astype(jnp.float32), (None, None)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_matches_reference(case, getkey):
+    _, b, hq, hkv, lq, lkv, d, dv, dtype, mask_mod, score_mod, (mb, mh) = case
+    q, k, v = _inputs(getkey(), b, hq, hkv, lq, lkv, d, dv, dtype)
+    bm = None
+    if mask_mod is not None:
+        bm = fa.create_block_mask(mask_mod, mb, mh, lq, lkv)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3
+    _compare(q, k, v, score_mod, bm, tol)
+
+
+def test_mask_at_another_block_size(getkey):
+    """A BlockMask built at 64 is converted to the kernel's tiles."""
+    q, k, v = _inputs(getkey(), 1, 2, 2, 192, 192, 64, 64, jnp.bfloat16)
+    bm = fa.create_block_mask(masks.sliding_window(50), None, None, 192, 192,
+                              block_size=64)
+    _compare(q, k, v, None, bm, 2e-2)
+
+
+def test_gradients_through_the_kernel(getkey):
+    """The backward pass (xla's, fed the kernel's out and lse) matches reference."""
+    q, k, v = _inputs(getkey(), 1, 2, 2, 128, 128, 64, 64, jnp.bfloat16)
+    bm = fa.create_block_mask(masks.causal_mask, None, None, 128, 128)
+    alibi = score_mods.Alibi(jnp.array([0.2, 0.7], jnp.float32))
+
+    def loss(backend, opts):
+        def f(q, k, v, mod):
+            out = fa.flex_attention(q, k, v, mod, bm, backend=backend,
+                                    kernel_options=opts)
+            return jnp.sum(out.astype(jnp.float32) * jnp.cos(out.astype(jnp.float32)))
+        return f
+
+    g = jax.grad(loss("mosaic", INTERPRET), argnums=(0, 1, 2, 3))(q, k, v, alibi)
+    f32 = lambda x: x.astype(jnp.float32)
+    want = jax.grad(loss("reference", None), argnums=(0, 1, 2, 3))(
+        f32(q), f32(k), f32(v), alibi
+    )
+    for a, w in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want)):
+        a, w = np.asarray(f32(a)), np.asarray(w)
+        assert np.linalg.norm(a - w) <= 3e-2 * np.linalg.norm(w)
+
+
+# ------------------------------------------------- lowering for the GPU, on the CPU
+
+
+def _lower(b, hq, hkv, lq, lkv, d, mask_mod=None, score_mod=None, opts=None,
+           dtype=jnp.bfloat16):
+    from eqx_flexattn._backends import BACKENDS
+
+    backend = BACKENDS["mosaic"]
+    spec = lambda *s: jax.ShapeDtypeStruct(s, dtype)
+
+    def f(q, k, v):
+        bm = None
+        if mask_mod is not None:
+            bm = fa.create_block_mask(mask_mod, None, None, lq, lkv)
+        problem = fa._attention._problem(
+            q, k, v, score_mod, bm, None, hq != hkv, opts
+        )
+        return backend.forward(problem)
+
+    q, k = spec(b, hq, lq, d), spec(b, hkv, lkv, d)
+    return jax.jit(f).trace(q, k, k).lower(lowering_platforms=("cuda",))
+
+
+LOWERED = {
+    "causal_d128": dict(mask_mod=masks.causal_mask),
+    "alibi_causal": dict(
+        mask_mod=masks.causal_mask,
+        score_mod=score_mods.Alibi(jnp.linspace(0.1, 0.9, 2, dtype=jnp.float32)),
+    ),
+    "document": dict(
+        mask_mod=fa.and_masks(
+            masks.causal_mask,
+            masks.document_mask((jnp.arange(1024) * 8 // 1024).astype(jnp.int32)),
+        )
+    ),
+    "softcap_no_mask": dict(score_mod=score_mods.SoftCap(30.0)),
+    "checkerboard_prefix": dict(
+        mask_mod=masks.prefix_lm(300), score_mod=score_mods.checkerboard
+    ),
+    "d64_fp16_3_stages": dict(
+        mask_mod=masks.causal_mask, opts={"mosaic": {"num_stages": 3}}, d=64,
+        dtype=jnp.float16,
+    ),
+    "ragged_gqa": dict(mask_mod=masks.causal_mask, lq=1000, lkv=1000, hkv=1),
+    "d256": dict(mask_mod=masks.causal_mask, d=256),
+}
+
+
+@pytest.mark.parametrize("name", list(LOWERED))
+def test_lowers_for_the_gpu(name):
+    """The kernel at its real tiles goes through the Mosaic GPU lowering (sm90)."""
+    kw = dict(LOWERED[name])
+    shape = dict(b=1, hq=2, hkv=kw.pop("hkv", 2), lq=kw.pop("lq", 1024),
+                 lkv=kw.pop("lkv", 1024), d=kw.pop("d", 128))
+    lowered = _lower(**shape, **kw)
+    assert "mosaic_gpu" in lowered.as_text()
+
+
+# ------------------------------------------------------------ declines and options
+
+
+def _explain(q, **kw):
+    return fa.explain_backend(q, q, q, **kw)
+
+
+def test_declines_with_reasons():
+    bf16 = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.bfloat16)
+    f32 = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.float32)
+    if not on_gpu():
+        assert "declined: mosaic: it needs an NVIDIA GPU" in _explain(bf16)
+    text = _explain(f32, kernel_options=INTERPRET)
+    assert "declined: mosaic: it takes bfloat16 or float16 inputs" in text
+    text = _explain(
+        bf16, score_mod=score_mods.RelativePositionBias(2, 16),
+        kernel_options=INTERPRET,
+    )
+    assert text.startswith("backend: xla")
+    assert "depends on both q_idx and kv_idx" in text
+    big = jax.ShapeDtypeStruct((1, 2, 128, 320), jnp.bfloat16)
+    assert "head dims up to 256" in _explain(big, kernel_options=INTERPRET)
+    with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
+        fa.flex_attention(
+            jnp.zeros((1, 1, 8, 64)), jnp.zeros((1, 1, 8, 64)),
+            jnp.zeros((1, 1, 8, 64)), backend="mosaic", kernel_options=INTERPRET,
+        )
+
+
+def test_options():
+    q = jnp.zeros((1, 1, 8, 64), jnp.bfloat16)
+    for bad, match in [
+        ({"block_kv": 96}, "block_kv'] must be 64, 128 or 256"),
+        ({"num_stages": 5}, "num_stages'] must be 2, 3 or 4"),
+        ({"block_q": 128}, "block_q'] must be 64"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            fa.flex_attention(q, q, q, backend="mosaic",
+                              kernel_options={"mosaic": bad})
+    from eqx_flexattn._backends import BACKENDS
+
+    problem = fa._attention._problem(
+        q, q, q, None, None, None, False,
+        {"BLOCK_N": 64, "num_stages": 3, "mosaic": {"interpret": True}},
+    )
+    cfg = BACKENDS["mosaic"].config(problem)
+    assert (cfg.block_kv, cfg.num_stages, cfg.interpret) == (64, 3, True)
