@@ -26,14 +26,14 @@ from eqx_flexattn._backends.xla import XlaBackend, XlaConfig
 class FakeConfig(AbstractConfig):
     """A kernel backend's config: tile sizes PyTorch's BLOCK_M/BLOCK_N map to."""
 
-    torch_names = {"BLOCK_M": "block_q", "BLOCK_N": "block_kv"}
-    block_q: int = eqx.field(static=True, default=64)
-    block_kv: int = eqx.field(static=True, default=64)
+    torch_names = {"BLOCK_M": "tile_q", "BLOCK_N": "tile_kv"}
+    tile_q: int = eqx.field(static=True, default=64)
+    tile_kv: int = eqx.field(static=True, default=64)
     interpret: bool = eqx.field(static=True, default=False)
 
     def __check_init__(self):
-        check_positive_int("fake", "block_q", self.block_q)
-        check_positive_int("fake", "block_kv", self.block_kv)
+        check_positive_int("fake", "tile_q", self.tile_q)
+        check_positive_int("fake", "tile_kv", self.tile_kv)
         check_bool("fake", "interpret", self.interpret)
 
 
@@ -69,23 +69,23 @@ def test_xla_config():
 def test_foreign_keys_are_ignored(fake, caplog):
     with caplog.at_level(logging.DEBUG, logger="eqx_flexattn"):
         q, k, v = random_qkv(jax_key(), 1, 1, 1, 8, 8, 4)
-        out = fa.flex_attention(q, k, v, backend="xla", kernel_options={"block_q": 16})
+        out = fa.flex_attention(q, k, v, backend="xla", kernel_options={"tile_q": 16})
     np.testing.assert_allclose(out, numpy_attention(q, k, v)[0], atol=1e-12)
-    assert "ignores kernel_options ['block_q']" in caplog.text
-    assert config_for("fake", opts(row_groups=2, block_q=16)) == FakeConfig(block_q=16)
+    assert "ignores kernel_options ['tile_q']" in caplog.text
+    assert config_for("fake", opts(row_groups=2, tile_q=16)) == FakeConfig(tile_q=16)
     # Another backend's section is ignored too; a bad value in it still raises.
-    assert config_for("xla", opts(fake={"block_q": 8})) == XlaConfig()
-    with pytest.raises(ValueError, match=r"fake backend: .*\['block_q'\].* got -1"):
-        fa.flex_attention(q, k, v, backend="xla", kernel_options={"block_q": -1})
+    assert config_for("xla", opts(fake={"tile_q": 8})) == XlaConfig()
+    with pytest.raises(ValueError, match=r"fake backend: .*\['tile_q'\].* got -1"):
+        fa.flex_attention(q, k, v, backend="xla", kernel_options={"tile_q": -1})
 
 
 def test_torch_keys(fake):
     options = opts(BLOCK_M=32, BLOCK_N=16, PRESCALE_QK=True, fwd_BLOCK_M1=8)
-    assert config_for("fake", options) == FakeConfig(block_q=32, block_kv=16)
+    assert config_for("fake", options) == FakeConfig(tile_q=32, tile_kv=16)
     # An explicit field wins over the PyTorch name mapped to it, a section over both.
-    assert config_for("fake", opts(BLOCK_M=32, block_q=8)).block_q == 8
-    assert config_for("fake", opts(block_q=8, fake={"BLOCK_M": 4})).block_q == 4
-    with pytest.raises(ValueError, match=r"fake backend: .*\['block_q'\].* got 0"):
+    assert config_for("fake", opts(BLOCK_M=32, tile_q=8)).tile_q == 8
+    assert config_for("fake", opts(tile_q=8, fake={"BLOCK_M": 4})).tile_q == 4
+    with pytest.raises(ValueError, match=r"fake backend: .*\['tile_q'\].* got 0"):
         config_for("fake", opts(BLOCK_M=0))
     q, k, v = random_qkv(jax_key(), 1, 1, 1, 8, 8, 4)
     with pytest.warns(UserWarning) as record:
@@ -106,11 +106,11 @@ def test_typos_and_bad_sections(fake):
     q, k, v = random_qkv(jax_key(), 1, 1, 1, 8, 8, 4)
     with pytest.raises(ValueError, match="'row_group' .* Did you mean 'row_groups'"):
         fa.flex_attention(q, k, v, kernel_options={"row_group": 2})
-    with pytest.raises(ValueError, match=r"Accepted: backend options \['block_kv', "):
+    with pytest.raises(ValueError, match=r"Accepted: backend options \[.*'tile_kv', "):
         fa.flex_attention(q, k, v, kernel_options={"BLOCKM": 2})
     # Inside a section only that backend's keys (and common/PyTorch keys) are valid.
-    with pytest.raises(ValueError, match=r"\['xla'\] key 'block_q' is not an option"):
-        fa.flex_attention(q, k, v, kernel_options={"xla": {"block_q": 2}})
+    with pytest.raises(ValueError, match=r"\['xla'\] key 'tile_q' is not an option"):
+        fa.flex_attention(q, k, v, kernel_options={"xla": {"tile_q": 2}})
     with pytest.raises(ValueError, match=r"kernel_options\['xla'\] must be a dict"):
         fa.flex_attention(q, k, v, kernel_options={"xla": 2})
     with pytest.raises(TypeError, match="must be hashable"):
@@ -172,7 +172,7 @@ def test_unimportable_backend_declines(monkeypatch, getkey):
     assert params["broken"].marks[0].kwargs["reason"].startswith("broken: the ")
     assert not params["xla"].marks
     # Its section is accepted unchecked: its options are unknown without its module.
-    out = fa.flex_attention(q, k, v, kernel_options={"broken": {"block_q": 8}})
+    out = fa.flex_attention(q, k, v, kernel_options={"broken": {"tile_q": 8}})
     np.testing.assert_allclose(out, numpy_attention(q, k, v)[0], atol=1e-12)
 
 

@@ -182,9 +182,14 @@ def _typo(key: str, registry, section: str | None = None) -> ValueError:
 
 
 def _resolve(
-    name: str, options: Options, registry: Mapping[str, type[AbstractConfig] | None]
+    name: str,
+    options: Options,
+    registry: Mapping[str, type[AbstractConfig] | None],
+    use_torch: bool = True,
 ) -> tuple[AbstractConfig, tuple[str, ...], tuple[str, ...]]:
-    """(config, torch keys it ignores, other backends' keys it ignores)."""
+    """(config, torch keys it ignores, other backends' keys it ignores). With
+    `use_torch=False`, PyTorch keys are left out (they are hints: only the backend
+    that runs reads, and validates, them)."""
     config_class = registry.get(name) or EmptyConfig
     fields = set(config_class.option_names())
     others = {n for c in registry.values() if c for n in c.option_names()}
@@ -196,7 +201,8 @@ def _resolve(
         if key in fields:
             into[1][key] = value
         elif key in config_class.torch_names:
-            into[0][config_class.torch_names[key]] = value
+            if use_torch:
+                into[0][config_class.torch_names[key]] = value
         elif is_torch_key(key):
             ignored_torch.append(key)
         elif key in COMMON_KEYS or (section is None and key in others):
@@ -241,10 +247,11 @@ def config_for(name: str, options: Options) -> AbstractConfig:
 
 def check_options(options: Options) -> None:
     """Builds every registered backend's config: typos and bad values raise the same
-    `ValueError` whichever backend will run and on whichever platform."""
+    `ValueError` whichever backend will run and on whichever platform. (PyTorch's
+    keys are validated only by the backend that runs.)"""
     registry = _registry()
     for name in registry:
-        _resolve(name, options, registry)
+        _resolve(name, options, registry, use_torch=False)
 
 
 _NOTED: set[tuple[str, str]] = set()
