@@ -49,7 +49,7 @@ def check_block_states(mask_mod, B, H, lq, lkv, bs):
     dense = np.asarray(fa.create_mask(mask_mod, B, H, lq, lkv))
     bq, bkv = (bs, bs) if isinstance(bs, int) else bs
     want_partial, want_full = numpy_block_states(dense, bq, bkv)
-    partial, full = map(np.asarray, bm._dense_states())
+    partial, full = map(np.asarray, bm.block_states())
     np.testing.assert_array_equal(partial, want_partial)
     np.testing.assert_array_equal(full, want_full)
     return bm, want_partial | want_full
@@ -76,12 +76,15 @@ def test_chunked_evaluation_matches(monkeypatch, chunk):
 @pytest.mark.parametrize("mask_mod,B,H,lq,lkv,bs", CASES[:3])
 def test_lists_sorted_and_transposed(mask_mod, B, H, lq, lkv, bs):
     bm = fa.create_block_mask(mask_mod, B, H, lq, lkv, block_size=bs)
-    partial, full = map(np.asarray, bm._dense_states())
-    for num, idx, dense in (
-        (bm.kv_num_blocks, bm.kv_indices, partial),
-        (bm.full_kv_num_blocks, bm.full_kv_indices, full),
-        (bm.q_num_blocks, bm.q_indices, partial.swapaxes(-1, -2)),
-        (bm.full_q_num_blocks, bm.full_q_indices, full.swapaxes(-1, -2)),
+    partial, full = map(np.asarray, bm.block_states())
+    (kv_p, kv_f), (q_p, q_f) = bm.block_lists(), bm.block_lists(transposed=True)
+    assert kv_p[0] is bm.kv_num_blocks and kv_p[1] is bm.kv_indices
+    assert q_f[0] is bm.full_q_num_blocks and q_f[1] is bm.full_q_indices
+    for (num, idx), dense in (
+        (kv_p, partial),
+        (kv_f, full),
+        (q_p, partial.swapaxes(-1, -2)),
+        (q_f, full.swapaxes(-1, -2)),
     ):
         num, idx = np.asarray(num), np.asarray(idx)
         assert num.dtype == np.int32 and idx.dtype == np.int32
