@@ -437,6 +437,56 @@ class BlockMask(eqx.Module):
             self.mask_mod,
         )
 
+    def at_block_size(self, block_q: int, block_kv: int) -> BlockMask:
+        """This mask at another tile size, computing the same attention.
+
+        On each axis one size must be a multiple of the other. Where the new size is
+        larger (coarsening), a block is full when every one of its sub-blocks inside
+        the sequence is full, absent when all are absent, and partial otherwise:
+        exactly what `create_block_mask` builds at the new size. Where it is smaller
+        (refining), each block takes its parent's state; blocks past the sequence end
+        are dropped. A refined mask equals `create_block_mask` at the new size where
+        each parent block's elements all attend or none do; elsewhere it lists as
+        partial some blocks that would be full or absent, which costs time but gives
+        the same attention. The mask mod is never evaluated; the mask mod and the
+        sequence lengths are kept. Jittable (the sizes are static).
+
+        **Arguments:**
+
+        - `block_q`, `block_kv`: the new block sizes, e.g. the tile sizes of a kernel.
+
+        **Returns:** a `BlockMask` with `block_size=(block_q, block_kv)`, or this mask
+        when its block size is that already.
+
+        **Raises:** `ValueError` when on some axis neither size divides the other.
+
+        !!! Example
+
+            ```python
+            bm = create_block_mask(causal_mask, None, None, 4096, 4096)   # 128 x 128
+            bm_tiles = bm.at_block_size(64, 128)
+            ```
+        """
+        new_size = _pair((block_q, block_kv), "(block_q, block_kv)")
+        if new_size == self.block_size:
+            return self
+        for old, new in zip(self.block_size, new_size):
+            if new % old and old % new:
+                raise ValueError(
+                    f"at_block_size: cannot convert a BlockMask of block_size="
+                    f"{self.block_size} to block_size={new_size}: on each axis one "
+                    f"size must be a multiple of the other, and {old} and {new} are "
+                    "not."
+                )
+        partial, full = self.block_states()
+        for axis, old, new, length in zip(
+            (-2, -1), self.block_size, new_size, self.seq_lengths
+        ):
+            partial, full = _resize_axis(partial, full, axis, old, new, length)
+        return BlockMask._from_dense(
+            partial, full, new_size, self.seq_lengths, self.mask_mod
+        )
+
     def __repr__(self) -> str:
         head = (
             f"BlockMask(shape={self.shape}, block_size={self.block_size}, "
@@ -472,6 +522,26 @@ def _keepdim(i, n: int, name: str):
     raise TypeError(
         f"BlockMask indices must be ints or slices, got {type(i).__name__}."
     )
+
+
+def _resize_axis(partial, full, axis: int, old: int, new: int, length: int):
+    """Block states `(partial, full)` along `axis` converted from blocks of `old` to
+    blocks of `new` positions (one a multiple of the other), for `length` positions."""
+    n = math.ceil(length / new)
+    partial, full = (jnp.moveaxis(x, axis, -1) for x in (partial, full))
+    if new > old:
+        # Coarsen: sub-blocks past the sequence end (padding) are neutral.
+        r = new // old
+        pad = [(0, 0)] * (partial.ndim - 1) + [(0, n * r - partial.shape[-1])]
+        split = lambda x: x.reshape(*x.shape[:-1], n, r)
+        anyk = jnp.any(split(jnp.pad(partial | full, pad, constant_values=False)), -1)
+        allk = jnp.all(split(jnp.pad(full, pad, constant_values=True)), -1)
+        partial, full = anyk & ~allk, allk
+    else:
+        # Refine: each sub-block inside the sequence inherits its parent's state.
+        r = old // new
+        partial, full = (jnp.repeat(x, r, axis=-1)[..., :n] for x in (partial, full))
+    return tuple(jnp.moveaxis(x, -1, axis) for x in (partial, full))
 
 
 _MAX_DRAWN = 32
