@@ -16,12 +16,11 @@ from jaxtyping import Array, Float
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
 from ._backends._config import normalise_options
-from ._block_mask import BlockMask, noop_mask
+from ._block_mask import BlockMask, full_block_mask
 from ._mods import convert_mask_mod, convert_score_mod
 
 
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
-_DEFAULT_BLOCK = 128
 
 
 def _check_array(name: str, x: Any) -> Array:
@@ -108,12 +107,6 @@ def _check_scale(scale: Any, d: int) -> float:
     return float(scale)
 
 
-def full_block_mask(lq: int, lkv: int, block_size: int = _DEFAULT_BLOCK) -> BlockMask:
-    """The mask that attends everywhere: every block full, mask mod never evaluated."""
-    shape = (1, 1, math.ceil(lq / block_size), math.ceil(lkv / block_size))
-    return BlockMask._from_dense(
-        jnp.zeros(shape, bool), jnp.ones(shape, bool), block_size, (lq, lkv), noop_mask
-    )
 
 
 @eqx.filter_custom_vjp

@@ -25,6 +25,22 @@ from ._mods import (
 # 16 MiB, so building a mask never needs more than a few hundred MiB at any length.
 _MASK_CHUNK_ELEMENTS = 2**24
 
+# The block size of masks built without one, and of the attend-everywhere mask.
+DEFAULT_BLOCK_SIZE = 128
+
+# The eight index arrays of a `BlockMask`, in constructor order: the forward (kv)
+# lists, partial then full, then their transposes (q lists) for the backward pass.
+_INDEX_FIELDS = (
+    "kv_num_blocks",
+    "kv_indices",
+    "full_kv_num_blocks",
+    "full_kv_indices",
+    "q_num_blocks",
+    "q_indices",
+    "full_q_num_blocks",
+    "full_q_indices",
+)
+
 
 def noop_mask(b, h, q_idx, kv_idx):
     """The mask mod that keeps every position."""
@@ -202,33 +218,26 @@ class BlockMask(eqx.Module):
         seq_lengths = _pair(seq_lengths, "seq_lengths")
         mq = math.ceil(seq_lengths[0] / block_size[0])
         nkv = math.ceil(seq_lengths[1] / block_size[1])
-        arrays = dict(
-            kv_num_blocks=kv_num_blocks,
-            kv_indices=kv_indices,
-            full_kv_num_blocks=full_kv_num_blocks,
-            full_kv_indices=full_kv_indices,
-            q_num_blocks=q_num_blocks,
-            q_indices=q_indices,
-            full_q_num_blocks=full_q_num_blocks,
-            full_q_indices=full_q_indices,
+        arrays = (
+            kv_num_blocks,
+            kv_indices,
+            full_kv_num_blocks,
+            full_kv_indices,
+            q_num_blocks,
+            q_indices,
+            full_q_num_blocks,
+            full_q_indices,
         )
         b, h = jnp.shape(kv_num_blocks)[:2]
-        expected = dict(
-            kv_num_blocks=(b, h, mq),
-            kv_indices=(b, h, mq, nkv),
-            full_kv_num_blocks=(b, h, mq),
-            full_kv_indices=(b, h, mq, nkv),
-            q_num_blocks=(b, h, nkv),
-            q_indices=(b, h, nkv, mq),
-            full_q_num_blocks=(b, h, nkv),
-            full_q_indices=(b, h, nkv, mq),
-        )
-        for name, x in arrays.items():
+        kv_shapes = ((b, h, mq), (b, h, mq, nkv))
+        q_shapes = ((b, h, nkv), (b, h, nkv, mq))
+        expected = 2 * kv_shapes + 2 * q_shapes
+        for name, x, shape in zip(_INDEX_FIELDS, arrays, expected):
             x = jnp.asarray(x)
-            if x.shape != expected[name]:
+            if x.shape != shape:
                 raise ValueError(
                     f"BlockMask: `{name}` has shape {x.shape}, expected "
-                    f"{expected[name]} for seq_lengths={seq_lengths} and "
+                    f"{shape} for seq_lengths={seq_lengths} and "
                     f"block_size={block_size}."
                 )
             if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -268,7 +277,7 @@ class BlockMask(eqx.Module):
         full_kv_num_blocks: Int[Array, "b h mq"] | None = None,
         full_kv_indices: Int[Array, "b h mq nkv"] | None = None,
         *,
-        block_size: int | tuple[int, int] = 128,
+        block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
         mask_mod: Callable | None = None,
         seq_lengths: tuple[int, int] | None = None,
     ) -> BlockMask:
@@ -314,16 +323,61 @@ class BlockMask(eqx.Module):
             *kv, *q, block_size=block_size, seq_lengths=seq_lengths, mask_mod=mask_mod
         )
 
-    def _dense_states(self) -> tuple[Array, Array]:
-        """(partial, full): bool arrays of shape (B, H, Mq, Nkv)."""
+    def block_lists(
+        self, transposed: bool = False
+    ) -> tuple[
+        tuple[Int[Array, "*bh m"], Int[Array, "*bh m n"]],
+        tuple[Int[Array, "*bh m"], Int[Array, "*bh m n"]],
+    ]:
+        """The block lists as `((partial_num, partial_indices), (full_num,
+        full_indices))`.
+
+        Forward (`transposed=False`): the key blocks of each query block,
+        `kv_num_blocks (B, H, Mq)` and `kv_indices (B, H, Mq, Nkv)`, then their `full_`
+        counterparts. Transposed: the query blocks of each key block, `q_num_blocks
+        (B, H, Nkv)` and `q_indices (B, H, Nkv, Mq)`, then `full_q_*`. Entry `i` of a
+        row is valid for `i < num`.
+
+        !!! Example
+
+            ```python
+            (num, idx), (full_num, full_idx) = bm.block_lists()
+            kv_blocks_of_row = idx[b, h, i, : num[b, h, i]]   # partial blocks
+            ```
+        """
+        if transposed:
+            return (
+                (self.q_num_blocks, self.q_indices),
+                (self.full_q_num_blocks, self.full_q_indices),
+            )
+        return (
+            (self.kv_num_blocks, self.kv_indices),
+            (self.full_kv_num_blocks, self.full_kv_indices),
+        )
+
+    def block_states(
+        self,
+    ) -> tuple[Bool[Array, "*bh mq nkv"], Bool[Array, "*bh mq nkv"]]:
+        """`(partial, full)`: bool arrays `(B, H, Mq, Nkv)`, True where block
+        `(i, j)` is partial (mask mod applied) or full (mask mod skipped). A block is
+        never both; a block that is neither is absent.
+
+        !!! Example
+
+            ```python
+            partial, full = bm.block_states()
+            computed = partial | full   # == bm.to_dense().astype(bool)
+            ```
+        """
         nkv = self.num_blocks[1]
-        partial = _indices_to_dense(self.kv_num_blocks, self.kv_indices, nkv)
-        full = _indices_to_dense(self.full_kv_num_blocks, self.full_kv_indices, nkv)
+        (num, idx), (full_num, full_idx) = self.block_lists()
+        partial = _indices_to_dense(num, idx, nkv)
+        full = _indices_to_dense(full_num, full_idx, nkv)
         return partial, full
 
     def to_dense(self) -> Int[Array, "*bh mq nkv"]:
         """The block-level mask `(B, H, Mq, Nkv)`: 1 where a block is computed."""
-        partial, full = self._dense_states()
+        partial, full = self.block_states()
         return (partial | full).astype(INDEX_DTYPE)
 
     def sparsity(self) -> float | Array:
@@ -350,12 +404,8 @@ class BlockMask(eqx.Module):
         index = tuple(
             _keepdim(i, n, name) for i, n, name in zip(index, sizes, ("batch", "head"))
         )
-        names = (
-            "kv_num_blocks kv_indices full_kv_num_blocks full_kv_indices "
-            "q_num_blocks q_indices full_q_num_blocks full_q_indices"
-        ).split()
         return BlockMask(
-            *(getattr(self, n)[index] for n in names),
+            *(getattr(self, n)[index] for n in _INDEX_FIELDS),
             block_size=self.block_size,
             seq_lengths=self.seq_lengths,
             mask_mod=self.mask_mod,
@@ -378,13 +428,63 @@ class BlockMask(eqx.Module):
             )
         mq = math.ceil(q_len / self.block_size[0])
         nkv = math.ceil(kv_len / self.block_size[1])
-        partial, full = self._dense_states()
+        partial, full = self.block_states()
         return BlockMask._from_dense(
             partial[..., :mq, :nkv],
             full[..., :mq, :nkv],
             self.block_size,
             (q_len, kv_len),
             self.mask_mod,
+        )
+
+    def at_block_size(self, block_q: int, block_kv: int) -> BlockMask:
+        """This mask at another tile size, computing the same attention.
+
+        On each axis one size must be a multiple of the other. Where the new size is
+        larger (coarsening), a block is full when every one of its sub-blocks inside
+        the sequence is full, absent when all are absent, and partial otherwise:
+        exactly what `create_block_mask` builds at the new size. Where it is smaller
+        (refining), each block takes its parent's state; blocks past the sequence end
+        are dropped. A refined mask equals `create_block_mask` at the new size where
+        each parent block's elements all attend or none do; elsewhere it lists as
+        partial some blocks that would be full or absent, which costs time but gives
+        the same attention. The mask mod is never evaluated; the mask mod and the
+        sequence lengths are kept. Jittable (the sizes are static).
+
+        **Arguments:**
+
+        - `block_q`, `block_kv`: the new block sizes, e.g. the tile sizes of a kernel.
+
+        **Returns:** a `BlockMask` with `block_size=(block_q, block_kv)`, or this mask
+        when its block size is that already.
+
+        **Raises:** `ValueError` when on some axis neither size divides the other.
+
+        !!! Example
+
+            ```python
+            bm = create_block_mask(causal_mask, None, None, 4096, 4096)   # 128 x 128
+            bm_tiles = bm.at_block_size(64, 128)
+            ```
+        """
+        new_size = _pair((block_q, block_kv), "(block_q, block_kv)")
+        if new_size == self.block_size:
+            return self
+        for old, new in zip(self.block_size, new_size):
+            if new % old and old % new:
+                raise ValueError(
+                    f"at_block_size: cannot convert a BlockMask of block_size="
+                    f"{self.block_size} to block_size={new_size}: on each axis one "
+                    f"size must be a multiple of the other, and {old} and {new} are "
+                    "not."
+                )
+        partial, full = self.block_states()
+        for axis, old, new, length in zip(
+            (-2, -1), self.block_size, new_size, self.seq_lengths
+        ):
+            partial, full = _resize_axis(partial, full, axis, old, new, length)
+        return BlockMask._from_dense(
+            partial, full, new_size, self.seq_lengths, self.mask_mod
         )
 
     def __repr__(self) -> str:
@@ -394,7 +494,7 @@ class BlockMask(eqx.Module):
         )
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(self)):
             return head + ")"  # traced: nothing to draw
-        partial, full = map(np.asarray, self._dense_states())
+        partial, full = map(np.asarray, self.block_states())
         dense = partial | full
         lines = [head + f", sparsity={100 * (1 - dense.mean()):.2f}%)"]
         b, h = dense.shape[:2]
@@ -422,6 +522,26 @@ def _keepdim(i, n: int, name: str):
     raise TypeError(
         f"BlockMask indices must be ints or slices, got {type(i).__name__}."
     )
+
+
+def _resize_axis(partial, full, axis: int, old: int, new: int, length: int):
+    """Block states `(partial, full)` along `axis` converted from blocks of `old` to
+    blocks of `new` positions (one a multiple of the other), for `length` positions."""
+    n = math.ceil(length / new)
+    partial, full = (jnp.moveaxis(x, axis, -1) for x in (partial, full))
+    if new > old:
+        # Coarsen: sub-blocks past the sequence end (padding) are neutral.
+        r = new // old
+        pad = [(0, 0)] * (partial.ndim - 1) + [(0, n * r - partial.shape[-1])]
+        split = lambda x: x.reshape(*x.shape[:-1], n, r)
+        anyk = jnp.any(split(jnp.pad(partial | full, pad, constant_values=False)), -1)
+        allk = jnp.all(split(jnp.pad(full, pad, constant_values=True)), -1)
+        partial, full = anyk & ~allk, allk
+    else:
+        # Refine: each sub-block inside the sequence inherits its parent's state.
+        r = old // new
+        partial, full = (jnp.repeat(x, r, axis=-1)[..., :n] for x in (partial, full))
+    return tuple(jnp.moveaxis(x, -1, axis) for x in (partial, full))
 
 
 _MAX_DRAWN = 32
@@ -474,7 +594,7 @@ def create_block_mask(
     Q_LEN: int,
     KV_LEN: int,
     *,
-    block_size: int | tuple[int, int] = 128,
+    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
 ) -> BlockMask:
     """Builds the [`BlockMask`][eqx_flexattn.BlockMask] of `mask_mod`.
 
@@ -507,6 +627,19 @@ def create_block_mask(
     partial, full = _block_states(convert_mask_mod(mask_mod), b, h, lq, lkv, bq, bkv)
     return BlockMask._from_dense(partial, full, (bq, bkv), (lq, lkv), mask_mod)
 
+
+
+def full_block_mask(
+    Q_LEN: int, KV_LEN: int, block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE
+) -> BlockMask:
+    """The mask that attends everywhere: one broadcast batch and head, every block
+    full, so the mask mod (`noop_mask`) is never evaluated."""
+    lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
+    bq, bkv = _pair(block_size, "block_size")
+    shape = (1, 1, math.ceil(lq / bq), math.ceil(lkv / bkv))
+    return BlockMask._from_dense(
+        jnp.zeros(shape, bool), jnp.ones(shape, bool), (bq, bkv), (lq, lkv), noop_mask
+    )
 
 def _block_states(mod, b: int, h: int, lq: int, lkv: int, bq: int, bkv: int):
     """(partial, full) bool arrays (b, h, Mq, Nkv) of a mask mod.

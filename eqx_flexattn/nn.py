@@ -30,7 +30,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._attention import flex_attention
 from ._backends._config import expand_options, normalise_options
-from ._block_mask import BlockMask, create_block_mask
+from ._block_mask import BlockMask, create_block_mask, DEFAULT_BLOCK_SIZE
 
 
 __all__ = ["MultiheadFlexAttention", "apply_rotary"]
@@ -167,7 +167,7 @@ class MultiheadFlexAttention(eqx.Module):
         rotary: bool = False,
         rope_theta: float | int = 10_000.0,
         scale: float | int | None = None,
-        block_size: int = 128,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         backend: str = "auto",
         kernel_options: Mapping[str, Any] | None = None,
         dtype=None,

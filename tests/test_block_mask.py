@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import numpy_attention
+from helpers import numpy_attention, random_qkv
+from hypothesis import given, settings, strategies as st
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks
@@ -49,7 +50,7 @@ def check_block_states(mask_mod, B, H, lq, lkv, bs):
     dense = np.asarray(fa.create_mask(mask_mod, B, H, lq, lkv))
     bq, bkv = (bs, bs) if isinstance(bs, int) else bs
     want_partial, want_full = numpy_block_states(dense, bq, bkv)
-    partial, full = map(np.asarray, bm._dense_states())
+    partial, full = map(np.asarray, bm.block_states())
     np.testing.assert_array_equal(partial, want_partial)
     np.testing.assert_array_equal(full, want_full)
     return bm, want_partial | want_full
@@ -76,12 +77,15 @@ def test_chunked_evaluation_matches(monkeypatch, chunk):
 @pytest.mark.parametrize("mask_mod,B,H,lq,lkv,bs", CASES[:3])
 def test_lists_sorted_and_transposed(mask_mod, B, H, lq, lkv, bs):
     bm = fa.create_block_mask(mask_mod, B, H, lq, lkv, block_size=bs)
-    partial, full = map(np.asarray, bm._dense_states())
-    for num, idx, dense in (
-        (bm.kv_num_blocks, bm.kv_indices, partial),
-        (bm.full_kv_num_blocks, bm.full_kv_indices, full),
-        (bm.q_num_blocks, bm.q_indices, partial.swapaxes(-1, -2)),
-        (bm.full_q_num_blocks, bm.full_q_indices, full.swapaxes(-1, -2)),
+    partial, full = map(np.asarray, bm.block_states())
+    (kv_p, kv_f), (q_p, q_f) = bm.block_lists(), bm.block_lists(transposed=True)
+    assert kv_p[0] is bm.kv_num_blocks and kv_p[1] is bm.kv_indices
+    assert q_f[0] is bm.full_q_num_blocks and q_f[1] is bm.full_q_indices
+    for (num, idx), dense in (
+        (kv_p, partial),
+        (kv_f, full),
+        (q_p, partial.swapaxes(-1, -2)),
+        (q_f, full.swapaxes(-1, -2)),
     ):
         num, idx = np.asarray(num), np.asarray(idx)
         assert num.dtype == np.int32 and idx.dtype == np.int32
@@ -334,3 +338,159 @@ def test_block_mask_shape_validation():
             block_size=8,
             seq_lengths=(32, 32),
         )
+
+
+# --- at_block_size ---------------------------------------------------------------
+
+
+class HeadWindows(eqx.Module):
+    """A symmetric window of its own width per head."""
+
+    widths: jax.Array
+
+    def __call__(self, b, h, q_idx, kv_idx):
+        return jnp.abs(q_idx - kv_idx) <= self.widths[h]
+
+
+@st.composite
+def mask_cases(draw):
+    """(mask_mod, B, H, Lq, Lkv): lengths need not be multiples of any block size."""
+    kind = draw(st.sampled_from(["causal", "window", "documents", "head_windows"]))
+    lq, lkv = draw(st.integers(1, 60)), draw(st.integers(1, 60))
+    b, h = None, None
+    if kind == "causal":
+        mod = masks.causal_mask
+    elif kind == "window":
+        mod = masks.sliding_window(draw(st.integers(1, 20)))
+    elif kind == "documents":
+        b = draw(st.integers(1, 2))
+        # Sorted ids: packed documents (each row of the sorted flat list is sorted).
+        ids = [
+            np.sort(draw(st.lists(st.integers(0, 3), min_size=b * n, max_size=b * n)))
+            for n in (lq, lkv)
+        ]
+        ids = [i.reshape(b, -1) for i in ids]
+        mod = masks.document_mask(*(jnp.asarray(i, jnp.int32) for i in ids))
+    else:
+        h = draw(st.integers(1, 3))
+        widths = draw(st.lists(st.integers(0, 25), min_size=h, max_size=h))
+        mod = HeadWindows(jnp.asarray(widths, jnp.int32))
+    return mod, b, h, lq, lkv
+
+
+fine_sizes = st.tuples(st.sampled_from([1, 2, 4, 8]), st.sampled_from([1, 2, 4, 8]))
+factors = st.tuples(st.sampled_from([1, 2, 4]), st.sampled_from([1, 2, 4]))
+
+
+def assert_same_block_mask(got, want):
+    """Same sizes and mask mod (static, in the tree structure), same arrays."""
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(g, w)
+
+
+def element_mask(bm, dense):
+    """The (B, H, Lq, Lkv) pairs `bm` attends: full blocks, and the mask mod's
+    elements (`dense`, from `create_mask`) in partial blocks."""
+    bq, bkv = bm.block_size
+    lq, lkv = bm.seq_lengths
+
+    def expand(x):
+        x = np.repeat(np.repeat(np.asarray(x), bq, axis=-2), bkv, axis=-1)
+        return x[..., :lq, :lkv]
+
+    partial, full = bm.block_states()
+    return expand(full) | (expand(partial) & dense)
+
+
+# Jitted (sizes static): compiling once per case is much faster than op by op.
+at_block_size = eqx.filter_jit(lambda bm, size: bm.at_block_size(*size))
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=mask_cases(), fine=fine_sizes, factor=factors)
+def test_at_block_size_against_create_block_mask(case, fine, factor):
+    """Coarsening is create_block_mask at the coarse size; refining is valid."""
+    mod, b, h, lq, lkv = case
+    coarse = (fine[0] * factor[0], fine[1] * factor[1])
+    fine_bm = fa.create_block_mask(mod, b, h, lq, lkv, block_size=fine)
+    coarse_bm = fa.create_block_mask(mod, b, h, lq, lkv, block_size=coarse)
+
+    coarsened = at_block_size(fine_bm, coarse)
+    assert_same_block_mask(coarsened, coarse_bm)
+    assert eqx.tree_equal(coarsened.mask_mod, mod)
+
+    refined = at_block_size(coarse_bm, fine)
+    assert refined.block_size == fine and refined.seq_lengths == (lq, lkv)
+    assert refined.num_blocks == fine_bm.num_blocks
+    # Same attention, element by element.
+    dense = np.asarray(fa.create_mask(mod, b, h, lq, lkv))
+    np.testing.assert_array_equal(element_mask(refined, dense), dense)
+    # Never tighter than create_block_mask: a block listed as full is full there, a
+    # skipped block is skipped there, a block partial there is partial here.
+    partial, full = map(np.asarray, refined.block_states())
+    want_partial, want_full = map(np.asarray, fine_bm.block_states())
+    assert np.all(want_full[full])
+    assert not np.any((want_partial | want_full)[~(partial | full)])
+    assert np.all(partial[want_partial])
+    # Each block has its parent's state (so where the parent is full or absent it
+    # equals create_block_mask, by the checks above); coarsening back is exact.
+    mq, nkv = fine_bm.num_blocks
+    for x, parent in zip((partial, full), coarse_bm.block_states()):
+        parent = np.repeat(np.repeat(np.asarray(parent), factor[0], -2), factor[1], -1)
+        np.testing.assert_array_equal(x, parent[..., :mq, :nkv])
+    assert_same_block_mask(at_block_size(refined, coarse), coarse_bm)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    case=mask_cases(),
+    old=fine_sizes,
+    change=st.tuples(
+        st.sampled_from([(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)]),
+        st.sampled_from([(1, 1), (2, 1), (4, 1), (1, 2), (1, 4)]),
+    ),
+    seed=st.integers(0, 2**16),
+)
+def test_at_block_size_same_attention(case, old, change, seed):
+    """Coarsening, refining, or one of each: flex_attention is unchanged."""
+    mod, b, h, lq, lkv = case
+    old = (old[0] * 4, old[1] * 4)
+    new = tuple(o * m // d for o, (m, d) in zip(old, change))
+    bm = fa.create_block_mask(mod, b, h, lq, lkv, block_size=old)
+    converted = at_block_size(bm, new)
+    assert converted.block_size == new
+    q, k, v = random_qkv(jax.random.key(seed), b or 1, h or 1, h or 1, lq, lkv, 8)
+    run = lambda m: fa.flex_attention(
+        q, k, v, block_mask=m, backend="xla", return_lse=True
+    )
+    for got, want in zip(run(converted), run(bm)):
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_at_block_size_jit_no_mask_evaluation_and_errors():
+    bm = fa.create_block_mask(window_head, 2, 3, 50, 61, block_size=8)
+    assert bm.at_block_size(8, 8) is bm
+    # Jittable; its arrays and mask mod cross `jit` as data.
+    got = jax.jit(lambda bm: bm.at_block_size(16, 4))(bm)
+    assert_same_block_mask(got, bm.at_block_size(16, 4))
+    assert got.shape == (2, 3, 50, 61) and got.block_size == (16, 4)
+
+    # The mask mod is never called, whatever the size.
+    def boom(b, h, q_idx, kv_idx):
+        raise AssertionError("the mask mod was evaluated")
+
+    (num, idx), (full_num, full_idx) = bm.block_lists()
+    big = fa.BlockMask.from_kv_blocks(
+        num, idx, full_num, full_idx, block_size=8, mask_mod=boom
+    )
+    for size in [(32, 64), (4, 2), (2, 64)]:
+        assert big.at_block_size(*size).mask_mod is boom
+
+    with pytest.raises(ValueError, match=r"\(8, 8\) to block_size=\(12, 8\).*8 and 12"):
+        bm.at_block_size(12, 8)
+    with pytest.raises(ValueError, match=r"8 and 6 are not"):
+        bm.at_block_size(16, 6)
+    with pytest.raises(ValueError, match="must be positive"):
+        bm.at_block_size(0, 8)

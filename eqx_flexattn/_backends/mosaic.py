@@ -83,10 +83,7 @@ def _block_lists(problem: AttentionProblem, rows: int, cols: int, kv_ragged: boo
     bm = problem.block_mask
     if bm.block_size != (rows, cols):
         bm = bm.at_block_size(rows, cols)
-    (p_num, p_idx), (f_num, f_idx) = (
-        (bm.kv_num_blocks, bm.kv_indices),
-        (bm.full_kv_num_blocks, bm.full_kv_indices),
-    )
+    (p_num, p_idx), (f_num, f_idx) = bm.block_lists()
     n = p_idx.shape[-1]
     j = jnp.arange(n, dtype=INDEX_DTYPE)
     f_valid = j < f_num[..., None]

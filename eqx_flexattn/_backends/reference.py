@@ -15,7 +15,7 @@ def element_mask(problem: AttentionProblem) -> Bool[Array, "b h lq lkv"]:
     b, hq, lq = problem.q.shape[:3]
     lkv = problem.k.shape[2]
     bq, bkv = problem.block_mask.block_size
-    partial, full = problem.block_mask._dense_states()
+    partial, full = problem.block_mask.block_states()
 
     def expand(x):
         x = jnp.repeat(jnp.repeat(x, bq, axis=-2), bkv, axis=-1)

@@ -97,16 +97,14 @@ class _Rows(NamedTuple):
 
 def _rows(problem: AttentionProblem, lay: _Layout, prefix: str) -> _Rows:
     """The rows of the `kv` lists (one per query block) or `q` lists (per key block)."""
-    bm = problem.block_mask
+    lists = problem.block_mask.block_lists(transposed={"kv": False, "q": True}[prefix])
 
-    def flat(name):
-        num = getattr(bm, f"{name}_num_blocks")
-        idx = getattr(bm, f"{name}_indices")
+    def flat(num, idx):
         m, n = idx.shape[-2:]
         num = jnp.broadcast_to(num, (lay.b, lay.hq, m)).reshape(-1)
         return num, jnp.broadcast_to(idx, (lay.b, lay.hq, m, n)).reshape(-1, n)
 
-    partial, full = flat(prefix), flat(f"full_{prefix}")
+    partial, full = (flat(*x) for x in lists)
     m = partial[1].shape[0] // (lay.b * lay.hq)
     b, h, block = (
         x.reshape(-1)
