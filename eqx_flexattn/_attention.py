@@ -16,7 +16,7 @@ from jaxtyping import Array, Float
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
 from ._block_mask import BlockMask, noop_mask
-from ._mods import convert_mask_mod, convert_score_mod
+from ._mods import check_mod_shape, convert_mask_mod, convert_score_mod
 
 
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
@@ -158,6 +158,9 @@ def _problem(
         block_mask = full_block_mask(lq, lkv)
     else:
         _check_block_mask(block_mask, b, hq, lq, lkv)
+    check_mod_shape(block_mask.mask_mod, b, hq, lq, lkv)
+    if score_mod is not None:
+        check_mod_shape(score_mod, b, hq, lq, lkv)
     acc = accumulator_dtype(q.dtype)
     return AttentionProblem(
         q=q,

@@ -53,6 +53,36 @@ def _check_output(mod: Callable, out: Any, *, what: str, want_bool: bool) -> Non
         )
 
 
+def check_mod_shape(mod: Callable, b: int, hq: int, lq: int, lkv: int) -> None:
+    """Checks the arrays of a mod against the problem it is applied to.
+
+    Mods that index arrays with `b`, `h`, `q_idx` or `kv_idx` implement
+    `check_shape(B, Hq, Lq, Lkv)`, raising `ValueError` when an array is too small for
+    the indices it will see (JAX would clamp the gather and give wrong results
+    silently). `B` and `Hq` may be 1 when a block mask broadcasts over them.
+    """
+    check = getattr(mod, "check_shape", None)
+    if callable(check):
+        check(b, hq, lq, lkv)
+
+
+def require_size(
+    mod: Callable, field: str, axis: int, actual: int, name: str, needed: int, *,
+    exact: bool = False,
+) -> None:
+    """The `ValueError` of a failed `check_shape`: axis `axis` of the array `field`
+    of `mod` has size `actual`, but the attention's `name` is `needed` (the size must
+    be at least that, or exactly that when `exact`)."""
+    if actual == needed or (not exact and actual > needed):
+        return
+    want = f"{needed}" if exact else f"at least {needed}"
+    raise ValueError(
+        f"{type(mod).__name__}: `{field}` has size {actual} along axis {axis}, but "
+        f"the attention has {name}={needed}, so it must be {want} (out-of-range "
+        "indices would be clamped silently)."
+    )
+
+
 def index_grid(b: int, h: int, lq: int, lkv: int) -> tuple[jax.Array, ...]:
     """Broadcastable `(b, h, q_idx, kv_idx)` index arrays of a `(b, h, lq, lkv)` grid
     (`b`, `h`, `lq`, `lkv` are sizes)."""
