@@ -14,6 +14,8 @@ receive gradients from the fused backward pass.
 
 from __future__ import annotations
 
+import functools as ft
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -144,33 +146,56 @@ def convert_mask_mod(mask_mod: Callable) -> ScalarMod:
     """Closure-converts `mask_mod`, checking that it returns a scalar bool."""
     args = _scalar_indices(4)
     _checked(mask_mod, args, "mask_mod", "mask_mod(b, h, q_idx, kv_idx)")
-    fn = eqx.filter_closure_convert(mask_mod, *args)
+    traced = mask_mod
+    if isinstance(mask_mod, types.FunctionType) and mask_mod.__closure__ is None:
+        # Equinox keeps such functions as they are, with any arrays in their
+        # default arguments: trace it instead.
+        traced = ft.partial(mask_mod)
+    fn = eqx.filter_closure_convert(traced, *args)
     return ScalarMod(fn, _name(mask_mod))
 
 
 def closes_over_arrays(mod: Callable) -> bool:
-    """Whether a function inside `mod` (itself, or a field of a module) captures arrays
-    in its closure: those are invisible to PyTree flattening, so they must be hoisted
-    before crossing `jit`."""
+    """Whether `mod` holds arrays that PyTree flattening does not see: captured in a
+    function's closure or default arguments, bound by a `functools.partial`, or held
+    by a plain (non-PyTree) callable object or bound method, itself or inside a
+    field of a module. Those must be hoisted into leaves before crossing `jit`."""
     seen: set[int] = set()
 
-    def captures(obj, arrays_count: bool) -> bool:
+    def holds(obj, arrays_count: bool) -> bool:
         for leaf in jax.tree_util.tree_leaves(obj):
-            if arrays_count and eqx.is_array(leaf):
-                return True
+            if eqx.is_array(leaf):
+                if arrays_count:
+                    return True
+                continue
             if id(leaf) in seen:
                 continue
             seen.add(id(leaf))
-            for cell in getattr(leaf, "__closure__", None) or ():
-                try:
-                    contents = cell.cell_contents
-                except ValueError:  # an empty cell
-                    continue
-                if captures(contents, True):
-                    return True
+            if holds(_hidden_contents(leaf), True):
+                return True
         return False
 
-    return captures(mod, False)
+    return holds(mod, False)
+
+
+def _hidden_contents(obj) -> tuple:
+    """What a non-PyTree object refers to that a call may read."""
+    if isinstance(obj, type | types.ModuleType):
+        return ()
+    if isinstance(obj, ft.partial):
+        return (obj.func, obj.args, obj.keywords)
+    if isinstance(obj, types.MethodType):
+        return (obj.__func__, obj.__self__)
+    if isinstance(obj, types.FunctionType):
+        cells = []
+        for cell in obj.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        return (cells, obj.__defaults__, obj.__kwdefaults__)
+    attributes = getattr(obj, "__dict__", None)
+    return (dict(attributes),) if isinstance(attributes, dict) else ()
 
 
 class _CastOutput(eqx.Module):
