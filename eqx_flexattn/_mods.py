@@ -14,6 +14,7 @@ receive gradients from the fused backward pass.
 
 from __future__ import annotations
 
+import collections
 import functools as ft
 import types
 from collections.abc import Callable
@@ -152,7 +153,37 @@ def convert_mask_mod(mask_mod: Callable) -> ScalarMod:
         # default arguments: trace it instead.
         traced = ft.partial(mask_mod)
     fn = eqx.filter_closure_convert(traced, *args)
-    return ScalarMod(fn, _name(mask_mod))
+    return ScalarMod(_canonical_program(fn), _name(mask_mod))
+
+
+# Programs of converted mask mods, by their text: the most recent ones.
+_PROGRAMS: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_MAX_PROGRAMS = 256
+
+
+def _canonical_program(fn: Callable) -> Callable:
+    """`fn` (a closure-converted function) with its jaxpr replaced by an earlier,
+    identical one.
+
+    Each conversion traces a fresh jaxpr, and jaxprs compare by identity: without
+    this, every `BlockMask` built from the same function would be a new static
+    structure to `jit`, and retrace it. Two jaxprs with the same text compute the
+    same function of the same inputs (the hoisted arrays are inputs, not text; a
+    Python object named in the text, such as a callback, is kept alive by the
+    stored jaxpr, so its address cannot be reused while the entry exists).
+    """
+    jaxpr = getattr(fn, "jaxpr", None)
+    if jaxpr is None:  # nothing was traced: the function itself is static
+        return fn
+    key = str(jaxpr)
+    known = _PROGRAMS.get(key)
+    if known is None:
+        _PROGRAMS[key] = jaxpr
+        if len(_PROGRAMS) > _MAX_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+        return fn
+    _PROGRAMS.move_to_end(key)
+    return eqx.tree_at(lambda f: f.jaxpr, fn, known)
 
 
 def closes_over_arrays(mod: Callable) -> bool:

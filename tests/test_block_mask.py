@@ -326,6 +326,36 @@ def test_mask_mod_holding_traced_arrays_otherwise(make):
     np.testing.assert_allclose(got, want, atol=1e-6)
 
 
+def test_masks_from_one_closure_do_not_retrace():
+    """The traced program of a hoisted mask mod compares equal when it is the same:
+    fresh masks from the same closure (or the same code over other values) reuse the
+    compiled function; a different program does not."""
+    traces = []
+
+    @jax.jit
+    def attend(q, bm):
+        traces.append(None)
+        return fa.flex_attention(q, q, q, block_mask=bm)
+
+    def same_document(ids):
+        return lambda b, h, q, kv: ids[q] == ids[kv]
+
+    ids = jnp.array([0, 0, 1, 1, 1, 2, 2, 2])
+    q = jax.random.normal(jax.random.key(0), (1, 1, 8, 4))
+    mod = same_document(ids)
+    for mask_mod in (mod, mod, mod, same_document(ids[::-1])):
+        attend(q, fa.create_block_mask(mask_mod, None, None, 8, 8, block_size=2))
+    assert len(traces) == 1
+    other = lambda b, h, qi, kv: ids[qi] != ids[kv]
+    got = attend(q, fa.create_block_mask(other, None, None, 8, 8, block_size=2))
+    assert len(traces) == 2
+    np_ids = np.asarray(ids)
+    want = numpy_attention(
+        q, q, q, mask_fn=lambda b, h, qi, kv: np_ids[qi] != np_ids[kv]
+    )[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
 def test_combinators():
     even = lambda b, h, q, kv: kv % 2 == 0
     d_and = fa.create_mask(fa.and_masks(masks.causal_mask, even), None, None, 6, 6)
