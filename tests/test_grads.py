@@ -200,3 +200,25 @@ def test_low_precision_parameter_gradients_accumulate_in_float32(getkey):
     np.testing.assert_allclose(
         np.asarray(got, np.float64), want, atol=5e-3 * np.abs(want).max(), rtol=0
     )
+
+
+def test_second_derivatives(getkey):
+    """Forward-over-reverse works under jit; reverse-over-reverse works eagerly and
+    under jit raises an error naming flex_attention and what works."""
+    q, k, v = random_qkv(getkey(), 1, 1, 1, 8, 8, 4)
+    alibi = to_f64(score_mods.generate_alibi_bias(1))
+
+    def f(q, backend):
+        return jnp.sum(fa.flex_attention(q, k, v, alibi, backend=backend) ** 3)
+
+    def gg(q, backend):
+        return jnp.sum(jax.grad(f)(q, backend) ** 2)
+
+    want = jax.jit(jax.grad(gg), static_argnums=1)(q, "reference")
+    np.testing.assert_allclose(jax.grad(gg)(q, "xla"), want, rtol=1e-9, atol=1e-12)
+    with pytest.raises(NotImplementedError, match=r"flex_attention: .*jax.hessian"):
+        jax.jit(jax.grad(gg), static_argnums=1)(q, "xla")
+    hessian = jax.jit(jax.hessian(f), static_argnums=1)
+    np.testing.assert_allclose(
+        hessian(q, "xla"), hessian(q, "reference"), rtol=1e-9, atol=1e-12
+    )
