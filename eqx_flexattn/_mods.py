@@ -70,7 +70,13 @@ def check_mod_shape(mod: Callable, b: int, hq: int, lq: int, lkv: int) -> None:
 
 
 def require_size(
-    mod: Callable, field: str, axis: int, actual: int, name: str, needed: int, *,
+    mod: Callable,
+    field: str,
+    axis: int,
+    actual: int,
+    name: str,
+    needed: int,
+    *,
     exact: bool = False,
 ) -> None:
     """The `ValueError` of a failed `check_shape`: axis `axis` of the array `field`
@@ -148,9 +154,13 @@ def convert_mask_mod(mask_mod: Callable) -> ScalarMod:
     args = _scalar_indices(4)
     _checked(mask_mod, args, "mask_mod", "mask_mod(b, h, q_idx, kv_idx)")
     traced = mask_mod
-    if isinstance(mask_mod, types.FunctionType) and mask_mod.__closure__ is None:
-        # Equinox keeps such functions as they are, with any arrays in their
-        # default arguments: trace it instead.
+    if (
+        isinstance(mask_mod, types.FunctionType)
+        and mask_mod.__closure__ is None
+        and closes_over_arrays(mask_mod)
+    ):
+        # Equinox keeps a function without a closure as it is, with the arrays in
+        # its default arguments: trace it instead.
         traced = ft.partial(mask_mod)
     fn = eqx.filter_closure_convert(traced, *args)
     return ScalarMod(_canonical_program(fn), _name(mask_mod))

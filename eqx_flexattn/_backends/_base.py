@@ -149,8 +149,8 @@ def score_mod_vjp(fn, s, score_mod, acc_dtype):
     gradients in `mod_grad_dtype` (see `upcast_mod`). The scores themselves come from
     the parameters as they are, exactly as in the forward pass."""
     wide = upcast_mod(score_mod, acc_dtype)
-    dtypes = lambda m: [x.dtype for x in jax.tree_util.tree_leaves(m) if eqx.is_array(x)]
-    if dtypes(wide) == dtypes(score_mod):
+    arrays = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array))
+    if [x.dtype for x in arrays(wide)] == [x.dtype for x in arrays(score_mod)]:
         return eqx.filter_vjp(fn, s, score_mod)
     out, vjp_s = jax.vjp(lambda s_: fn(s_, score_mod), s)
     _, vjp_mod = eqx.filter_vjp(lambda m: fn(s, m), wide)
