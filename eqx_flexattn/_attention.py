@@ -17,7 +17,7 @@ from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
 from ._backends._config import normalise_options
 from ._block_mask import BlockMask, full_block_mask
-from ._mods import convert_mask_mod, convert_score_mod
+from ._mods import check_mod_shape, convert_mask_mod, convert_score_mod
 
 
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
@@ -123,9 +123,41 @@ def _fused_fwd(perturbed, problem, backend):
 
 @_fused.def_bwd
 def _fused_bwd(residuals, grads, perturbed, problem, backend):
+    _check_not_reverse_differentiated(residuals, grads, problem, backend)
     out, lse = residuals
     dout, dlse = grads
     return backend.backward(problem, out, lse, dout, dlse, perturbed)
+
+
+try:  # JAX's reverse mode linearizes with these tracers (not forward mode's)
+    from jax._src.core import is_concrete as _is_concrete
+    from jax._src.interpreters.ad import LinearizeTracer as _LinearizeTracer
+except ImportError:  # pragma: no cover - other JAX versions: JAX's own error
+    _LinearizeTracer = None
+
+
+def _check_not_reverse_differentiated(residuals, grads, problem, backend) -> None:
+    """A backward pass that is itself being differentiated in reverse mode (the
+    outer `jax.grad` of a `jax.grad`) under `jit` fails deep inside JAX: the kernel
+    loops run for a number of blocks known only at run time, and JAX cannot reverse
+    such loops. Say so, and what works, instead."""
+    if _LinearizeTracer is None:
+        return
+    leaves = jax.tree_util.tree_leaves((residuals, grads, problem))
+    if not any(isinstance(x, _LinearizeTracer) for x in leaves):
+        return
+    bounds = jax.tree_util.tree_leaves(problem.block_mask)
+    if all(_is_concrete(x) for x in bounds):
+        return  # outside jit the loops have static lengths and reverse fine
+    raise NotImplementedError(
+        "flex_attention: reverse-mode differentiation of its gradient (`jax.grad` "
+        f"of `jax.grad`) under `jax.jit` is not supported by the {backend.name!r} "
+        "backend: its backward pass loops over a number of blocks known only at run "
+        "time, which JAX cannot differentiate in reverse. What works: the same "
+        "outside `jit`; forward-over-reverse (`jax.hessian`, `jax.jacfwd` or "
+        "`jax.jvp` of `jax.grad`), also under `jit`; or `backend='reference'` "
+        "(dense, O(Lq * Lkv) memory)."
+    )
 
 
 def _problem(
@@ -141,6 +173,9 @@ def _problem(
         block_mask = full_block_mask(lq, lkv)
     else:
         _check_block_mask(block_mask, b, hq, lq, lkv)
+    check_mod_shape(block_mask.mask_mod, b, hq, lq, lkv)
+    if score_mod is not None:
+        check_mod_shape(score_mod, b, hq, lq, lkv)
     acc = accumulator_dtype(q.dtype)
     return AttentionProblem(
         q=q,
@@ -209,6 +244,9 @@ def flex_attention(
     Call it inside `jax.jit` (or `eqx.filter_jit`); outside, JAX runs it op by op.
     It is differentiable in reverse mode (`jax.grad`); the kernel backends define a
     `custom_vjp`, so forward mode (`jax.jvp`) needs `backend="reference"`.
+    Second derivatives: forward-over-reverse (`jax.hessian`) works everywhere;
+    reverse-over-reverse (`jax.grad` of `jax.grad`) only outside `jit`, or with
+    `backend="reference"`.
 
     !!! Example
 

@@ -13,6 +13,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Int
 
 from ._mods import (
+    check_mod_shape,
     closes_over_arrays,
     convert_mask_mod,
     INDEX_DTYPE,
@@ -61,6 +62,11 @@ class _CombinedMask(eqx.Module):
 
     def __repr__(self):
         return f"{self.op}_masks({', '.join(map(_mod_name, self.mods))})"
+
+    def check_shape(self, B: int, Hq: int, Lq: int, Lkv: int) -> None:
+        """Checks every combined mask mod that can be checked."""
+        for mod in self.mods:
+            check_mod_shape(mod, B, Hq, Lq, Lkv)
 
 
 def and_masks(*mask_mods: Callable) -> Callable:
@@ -584,6 +590,7 @@ def create_mask(
     """
     b, h = _check_batch("B", B), _check_batch("H", H)
     lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
+    check_mod_shape(mask_mod, b, h, lq, lkv)
     return convert_mask_mod(mask_mod)(*index_grid(b, h, lq, lkv))
 
 
@@ -624,6 +631,7 @@ def create_block_mask(
     b, h = _check_batch("B", B), _check_batch("H", H)
     lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
     bq, bkv = _pair(block_size, "block_size")
+    check_mod_shape(mask_mod, b, h, lq, lkv)
     partial, full = _block_states(convert_mask_mod(mask_mod), b, h, lq, lkv, bq, bkv)
     return BlockMask._from_dense(partial, full, (bq, bkv), (lq, lkv), mask_mod)
 

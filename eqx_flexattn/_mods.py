@@ -14,6 +14,9 @@ receive gradients from the fused backward pass.
 
 from __future__ import annotations
 
+import collections
+import functools as ft
+import types
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -51,6 +54,42 @@ def _check_output(mod: Callable, out: Any, *, what: str, want_bool: bool) -> Non
         raise TypeError(
             f"{described} must return a floating-point score, got dtype {out.dtype}."
         )
+
+
+def check_mod_shape(mod: Callable, b: int, hq: int, lq: int, lkv: int) -> None:
+    """Checks the arrays of a mod against the problem it is applied to.
+
+    Mods that index arrays with `b`, `h`, `q_idx` or `kv_idx` implement
+    `check_shape(B, Hq, Lq, Lkv)`, raising `ValueError` when an array is too small for
+    the indices it will see (JAX would clamp the gather and give wrong results
+    silently). `B` and `Hq` may be 1 when a block mask broadcasts over them.
+    """
+    check = getattr(mod, "check_shape", None)
+    if callable(check):
+        check(b, hq, lq, lkv)
+
+
+def require_size(
+    mod: Callable,
+    field: str,
+    axis: int,
+    actual: int,
+    name: str,
+    needed: int,
+    *,
+    exact: bool = False,
+) -> None:
+    """The `ValueError` of a failed `check_shape`: axis `axis` of the array `field`
+    of `mod` has size `actual`, but the attention's `name` is `needed` (the size must
+    be at least that, or exactly that when `exact`)."""
+    if actual == needed or (not exact and actual > needed):
+        return
+    want = f"{needed}" if exact else f"at least {needed}"
+    raise ValueError(
+        f"{type(mod).__name__}: `{field}` has size {actual} along axis {axis}, but "
+        f"the attention has {name}={needed}, so it must be {want} (out-of-range "
+        "indices would be clamped silently)."
+    )
 
 
 def index_grid(b: int, h: int, lq: int, lkv: int) -> tuple[jax.Array, ...]:
@@ -114,33 +153,90 @@ def convert_mask_mod(mask_mod: Callable) -> ScalarMod:
     """Closure-converts `mask_mod`, checking that it returns a scalar bool."""
     args = _scalar_indices(4)
     _checked(mask_mod, args, "mask_mod", "mask_mod(b, h, q_idx, kv_idx)")
-    fn = eqx.filter_closure_convert(mask_mod, *args)
-    return ScalarMod(fn, _name(mask_mod))
+    traced = mask_mod
+    if (
+        isinstance(mask_mod, types.FunctionType)
+        and mask_mod.__closure__ is None
+        and closes_over_arrays(mask_mod)
+    ):
+        # Equinox keeps a function without a closure as it is, with the arrays in
+        # its default arguments: trace it instead.
+        traced = ft.partial(mask_mod)
+    fn = eqx.filter_closure_convert(traced, *args)
+    return ScalarMod(_canonical_program(fn), _name(mask_mod))
+
+
+# Programs of converted mask mods, by their text: the most recent ones.
+_PROGRAMS: collections.OrderedDict[str, Any] = collections.OrderedDict()
+_MAX_PROGRAMS = 256
+
+
+def _canonical_program(fn: Callable) -> Callable:
+    """`fn` (a closure-converted function) with its jaxpr replaced by an earlier,
+    identical one.
+
+    Each conversion traces a fresh jaxpr, and jaxprs compare by identity: without
+    this, every `BlockMask` built from the same function would be a new static
+    structure to `jit`, and retrace it. Two jaxprs with the same text compute the
+    same function of the same inputs (the hoisted arrays are inputs, not text; a
+    Python object named in the text, such as a callback, is kept alive by the
+    stored jaxpr, so its address cannot be reused while the entry exists).
+    """
+    jaxpr = getattr(fn, "jaxpr", None)
+    if jaxpr is None:  # nothing was traced: the function itself is static
+        return fn
+    key = str(jaxpr)
+    known = _PROGRAMS.get(key)
+    if known is None:
+        _PROGRAMS[key] = jaxpr
+        if len(_PROGRAMS) > _MAX_PROGRAMS:
+            _PROGRAMS.popitem(last=False)
+        return fn
+    _PROGRAMS.move_to_end(key)
+    return eqx.tree_at(lambda f: f.jaxpr, fn, known)
 
 
 def closes_over_arrays(mod: Callable) -> bool:
-    """Whether a function inside `mod` (itself, or a field of a module) captures arrays
-    in its closure: those are invisible to PyTree flattening, so they must be hoisted
-    before crossing `jit`."""
+    """Whether `mod` holds arrays that PyTree flattening does not see: captured in a
+    function's closure or default arguments, bound by a `functools.partial`, or held
+    by a plain (non-PyTree) callable object or bound method, itself or inside a
+    field of a module. Those must be hoisted into leaves before crossing `jit`."""
     seen: set[int] = set()
 
-    def captures(obj, arrays_count: bool) -> bool:
+    def holds(obj, arrays_count: bool) -> bool:
         for leaf in jax.tree_util.tree_leaves(obj):
-            if arrays_count and eqx.is_array(leaf):
-                return True
+            if eqx.is_array(leaf):
+                if arrays_count:
+                    return True
+                continue
             if id(leaf) in seen:
                 continue
             seen.add(id(leaf))
-            for cell in getattr(leaf, "__closure__", None) or ():
-                try:
-                    contents = cell.cell_contents
-                except ValueError:  # an empty cell
-                    continue
-                if captures(contents, True):
-                    return True
+            if holds(_hidden_contents(leaf), True):
+                return True
         return False
 
-    return captures(mod, False)
+    return holds(mod, False)
+
+
+def _hidden_contents(obj) -> tuple:
+    """What a non-PyTree object refers to that a call may read."""
+    if isinstance(obj, type | types.ModuleType):
+        return ()
+    if isinstance(obj, ft.partial):
+        return (obj.func, obj.args, obj.keywords)
+    if isinstance(obj, types.MethodType):
+        return (obj.__func__, obj.__self__)
+    if isinstance(obj, types.FunctionType):
+        cells = []
+        for cell in obj.__closure__ or ():
+            try:
+                cells.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        return (cells, obj.__defaults__, obj.__kwdefaults__)
+    attributes = getattr(obj, "__dict__", None)
+    return (dict(attributes),) if isinstance(attributes, dict) else ()
 
 
 class _CastOutput(eqx.Module):

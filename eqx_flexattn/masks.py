@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Int
 
 from ._block_mask import and_masks, noop_mask, or_masks
+from ._mods import require_size
 
 
 __all__ = [
@@ -105,6 +106,19 @@ class DocumentMask(eqx.Module):
         return _ids_at(self.q_document_ids, b, q_idx) == _ids_at(
             self.kv_document_ids, b, kv_idx
         )
+
+    def check_shape(self, B: int, Hq: int, Lq: int, Lkv: int) -> None:
+        """Ids cover every position; batched `(B, L)` ids match the batch size B of
+        the mask (a mask built with `B=None` broadcasts one batch element's blocks to
+        all: give `(L,)` ids, or pass B)."""
+        for field, length, name in (
+            ("q_document_ids", Lq, "Lq"),
+            ("kv_document_ids", Lkv, "Lkv"),
+        ):
+            ids = getattr(self, field)
+            require_size(self, field, ids.ndim - 1, ids.shape[-1], name, length)
+            if ids.ndim == 2:
+                require_size(self, field, 0, ids.shape[0], "B", B, exact=True)
 
 
 def _ids_at(ids, b, idx):

@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._mods import check_mod_shape, require_size
+
 
 __all__ = [
     "Alibi",
@@ -45,6 +47,10 @@ class Alibi(eqx.Module):
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         return score + self.slopes[h] * (kv_idx - q_idx)
+
+    def check_shape(self, B: int, Hq: int, Lq: int, Lkv: int) -> None:
+        """One slope per query head (not per key/value head under GQA)."""
+        require_size(self, "slopes", 0, self.slopes.shape[0], "Hq", Hq)
 
 
 def alibi_slopes(num_heads: int) -> Float[Array, " heads"]:
@@ -118,6 +124,10 @@ class RelativePositionBias(eqx.Module):
         r = jnp.clip(kv_idx - q_idx, 1 - self.max_distance, self.max_distance - 1)
         return score + self.table[h, r + self.max_distance - 1]
 
+    def check_shape(self, B: int, Hq: int, Lq: int, Lkv: int) -> None:
+        """One table row per query head."""
+        require_size(self, "table", 0, self.table.shape[0], "Hq", Hq)
+
 
 def t5_bucket(
     relative_position, num_buckets: int, max_distance: int, bidirectional: bool
@@ -176,6 +186,10 @@ class T5RelativeBias(eqx.Module):
         )
         return score + self.table[h, bucket]
 
+    def check_shape(self, B: int, Hq: int, Lq: int, Lkv: int) -> None:
+        """One table row per query head."""
+        require_size(self, "table", 0, self.table.shape[0], "Hq", Hq)
+
 
 class HeadBias(eqx.Module):
     """A learnable per-head (shape `(H,)`) or global (shape `()`) additive bias."""
@@ -184,6 +198,11 @@ class HeadBias(eqx.Module):
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         return score + (self.bias[h] if self.bias.ndim else self.bias)
+
+    def check_shape(self, B: int, Hq: int, Lq: int, Lkv: int) -> None:
+        """A per-head bias has one entry per query head."""
+        if self.bias.ndim:
+            require_size(self, "bias", 0, self.bias.shape[0], "Hq", Hq)
 
 
 class Composed(eqx.Module):
@@ -195,6 +214,11 @@ class Composed(eqx.Module):
         for mod in self.mods:
             score = mod(score, b, h, q_idx, kv_idx)
         return score
+
+    def check_shape(self, B: int, Hq: int, Lq: int, Lkv: int) -> None:
+        """Checks every composed mod that can be checked."""
+        for mod in self.mods:
+            check_mod_shape(mod, B, Hq, Lq, Lkv)
 
 
 def compose(*score_mods: Callable) -> Composed:

@@ -1,3 +1,4 @@
+import functools as ft
 import math
 
 import equinox as eqx
@@ -283,6 +284,80 @@ def test_mask_mod_closing_over_traced_arrays():
         fa.flex_attention(q, q, q, block_mask=bm), want, atol=1e-6
     )
     assert build(ids + 1).kv_num_blocks.shape == (1, 1, 4)
+
+
+class _SameDocument:  # a plain callable object, not a PyTree
+    def __init__(self, ids):
+        self.ids = ids
+
+    def __call__(self, b, h, q, kv):
+        return self.ids[q] == self.ids[kv]
+
+
+def _same_document(ids, b, h, q, kv):
+    return ids[q] == ids[kv]
+
+
+def _with_default(ids):
+    def mask(b, h, q, kv, i=ids):  # no closure: the array is a default argument
+        return i[q] == i[kv]
+
+    return mask
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ids: ft.partial(_same_document, ids),
+        _SameDocument,
+        lambda ids: _SameDocument(ids).__call__,
+        lambda ids: _with_default(ids),
+        lambda ids: fa.and_masks(masks.causal_mask, ft.partial(_same_document, ids)),
+    ],
+    ids=["partial", "object", "bound_method", "default_argument", "nested"],
+)
+def test_mask_mod_holding_traced_arrays_otherwise(make):
+    """Arrays held by a partial, a callable object or default arguments become
+    leaves too: a mask built under `jit` is used outside without leaking tracers."""
+    ids = jnp.array([0, 0, 1, 1, 1, 2, 2, 2])
+    bm = jax.jit(
+        lambda ids: fa.create_block_mask(make(ids), None, None, 8, 8, block_size=2)
+    )(ids)
+    q = jax.random.normal(jax.random.key(0), (1, 1, 8, 4))
+    dense = np.asarray(fa.create_mask(make(ids), None, None, 8, 8))[0, 0]
+    want = numpy_attention(q, q, q, mask_fn=lambda b, h, qi, kv: dense[qi, kv])[0]
+    got = fa.flex_attention(q, q, q, block_mask=bm)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_masks_from_one_closure_do_not_retrace():
+    """The traced program of a hoisted mask mod compares equal when it is the same:
+    fresh masks from the same closure (or the same code over other values) reuse the
+    compiled function; a different program does not."""
+    traces = []
+
+    @jax.jit
+    def attend(q, bm):
+        traces.append(None)
+        return fa.flex_attention(q, q, q, block_mask=bm)
+
+    def same_document(ids):
+        return lambda b, h, q, kv: ids[q] == ids[kv]
+
+    ids = jnp.array([0, 0, 1, 1, 1, 2, 2, 2])
+    q = jax.random.normal(jax.random.key(0), (1, 1, 8, 4))
+    mod = same_document(ids)
+    for mask_mod in (mod, mod, mod, same_document(ids[::-1])):
+        attend(q, fa.create_block_mask(mask_mod, None, None, 8, 8, block_size=2))
+    assert len(traces) == 1
+    other = lambda b, h, qi, kv: ids[qi] != ids[kv]
+    got = attend(q, fa.create_block_mask(other, None, None, 8, 8, block_size=2))
+    assert len(traces) == 2
+    np_ids = np.asarray(ids)
+    want = numpy_attention(
+        q, q, q, mask_fn=lambda b, h, qi, kv: np_ids[qi] != np_ids[kv]
+    )[0]
+    np.testing.assert_allclose(got, want, atol=1e-6)
 
 
 def test_combinators():

@@ -178,3 +178,57 @@ def test_score_mod_constructors_validate():
         score_mods.RelativePositionBias(2, 4, table=jnp.zeros((2, 5)))
     with pytest.raises(TypeError, match="score_mods|compose takes score mods"):
         score_mods.compose(score_mods.checkerboard, 3)
+
+
+@pytest.mark.parametrize(
+    "mod,match",
+    [
+        # Slopes per key/value head instead of per query head: an easy GQA slip.
+        (score_mods.Alibi(jnp.ones(2)), r"Alibi: `slopes` .* size 2 .* Hq=4"),
+        (score_mods.RelativePositionBias(2, 4), r"RelativePositionBias: `table`.*Hq=4"),
+        (score_mods.T5RelativeBias(3, 8, 16), r"T5RelativeBias: `table`.*Hq=4"),
+        (score_mods.HeadBias(jnp.ones(1)), r"HeadBias: `bias` .* Hq=4"),
+        (
+            score_mods.compose(score_mods.SoftCap(2.0), score_mods.Alibi(jnp.ones(3))),
+            r"Alibi: `slopes` .* size 3 .* at least 4",
+        ),
+    ],
+)
+def test_score_mod_arrays_checked_against_shape(mod, match, getkey):
+    q, k, v = random_qkv(getkey(), 1, 4, 2, 8, 8, 4)
+    for backend in ("xla", "reference"):
+        with pytest.raises(ValueError, match=match):
+            fa.flex_attention(q, k, v, mod, enable_gqa=True, backend=backend)
+    with pytest.raises(ValueError, match=match):  # under jit too: shapes are static
+        jax.jit(lambda q: fa.flex_attention(q, k, v, mod, enable_gqa=True))(q)
+    # Large enough (a global bias, more heads than used) is fine.
+    fa.flex_attention(q, k, v, score_mods.HeadBias(jnp.ones(())), enable_gqa=True)
+    fa.flex_attention(q, k, v, score_mods.Alibi(jnp.ones(6)), enable_gqa=True)
+
+
+def test_document_ids_checked_against_shape(getkey):
+    short = masks.document_mask(jnp.zeros(6, jnp.int32))
+    for build in (fa.create_block_mask, fa.create_mask):
+        with pytest.raises(ValueError, match=r"DocumentMask: `q_document_ids`.*Lq=8"):
+            build(short, None, None, 8, 8)
+    kv_short = masks.document_mask(jnp.zeros(8, jnp.int32), jnp.zeros(7, jnp.int32))
+    with pytest.raises(ValueError, match=r"`kv_document_ids`.*Lkv=8"):
+        fa.create_block_mask(fa.and_masks(masks.causal_mask, kv_short), 1, 1, 8, 8)
+    # Batched ids must match the mask's batch size, also when it broadcasts (B=None).
+    batched = masks.document_mask(jnp.zeros((2, 8), jnp.int32))
+    with pytest.raises(ValueError, match=r"`q_document_ids`.*axis 0.*B=1, so it must"):
+        fa.create_block_mask(batched, None, None, 8, 8, block_size=4)
+    with pytest.raises(ValueError, match=r"B=3"):
+        fa.create_mask(fa.or_masks(batched, masks.causal_mask), 3, 1, 8, 8)
+    fa.create_block_mask(batched, 2, None, 8, 8, block_size=4)  # fine
+    # flex_attention checks the block mask's mod against the query's B.
+    q = jax.random.normal(getkey(), (3, 1, 8, 4))
+    bm = fa.BlockMask.from_kv_blocks(
+        jnp.full((1, 1, 2), 2), jnp.array([[[[0, 1], [0, 1]]]]), block_size=4,
+        mask_mod=batched,
+    )
+    with pytest.raises(ValueError, match=r"`q_document_ids`.*B=3"):
+        fa.flex_attention(q, q, q, block_mask=bm)
+    # Longer ids are fine (a cropped mask keeps its mod).
+    bm = fa.create_block_mask(masks.document_mask(jnp.zeros(8, int)), 1, 1, 8, 8)
+    fa.flex_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], block_mask=bm.adjust(5, 5))

@@ -171,3 +171,55 @@ def block_positions(block: Array, size: int) -> Array:
     """Element positions of blocks: `block[..., None] * size + arange(size)`."""
     block = block.astype(INDEX_DTYPE)[..., None]
     return block * size + jnp.arange(size, dtype=INDEX_DTYPE)
+
+
+def mod_grad_dtype(leaf_dtype, acc_dtype):
+    """The dtype a score-mod parameter's gradient is accumulated in: the accumulator
+    dtype, or the parameter's own when that is wider (float64 parameters)."""
+    return jnp.promote_types(leaf_dtype, acc_dtype)
+
+
+def upcast_mod(score_mod, acc_dtype):
+    """`score_mod` with its inexact leaves in `mod_grad_dtype`: differentiate this one,
+    so the VJP's scatter-adds (a bias-table lookup summed over a tile) run in float32
+    even for a bfloat16 table."""
+    return jax.tree_util.tree_map(
+        lambda x: x.astype(mod_grad_dtype(x.dtype, acc_dtype))
+        if eqx.is_inexact_array(x)
+        else x,
+        score_mod,
+    )
+
+
+def zero_mod_grads(score_mod, acc_dtype):
+    """Zeros for the score mod's inexact leaves (None elsewhere), in `mod_grad_dtype`:
+    the initial value of the reduction over tiles."""
+    return jax.tree_util.tree_map(
+        lambda x: jnp.zeros(x.shape, mod_grad_dtype(x.dtype, acc_dtype)),
+        eqx.filter(score_mod, eqx.is_inexact_array),
+    )
+
+
+def add_mod_grads(total, tile):
+    """One step of the reduction over tiles: adds a tile's parameter gradients,
+    cast to the accumulator's dtype, to the running `total`."""
+    return jax.tree_util.tree_map(lambda t, g: t + g.astype(t.dtype), total, tile)
+
+
+def finish_mod_grads(total, score_mod):
+    """Casts the accumulated gradients back to each parameter's dtype, once."""
+    params = eqx.filter(score_mod, eqx.is_inexact_array)
+    return jax.tree_util.tree_map(lambda t, p: t.astype(p.dtype), total, params)
+
+
+def score_mod_vjp(fn, s, score_mod, acc_dtype):
+    """`fn(s, score_mod)` and its VJP `ds -> (d s, d score_mod)`, the parameter
+    gradients in `mod_grad_dtype` (see `upcast_mod`). The scores themselves come from
+    the parameters as they are, exactly as in the forward pass."""
+    wide = upcast_mod(score_mod, acc_dtype)
+    arrays = lambda m: jax.tree_util.tree_leaves(eqx.filter(m, eqx.is_array))
+    if [x.dtype for x in arrays(wide)] == [x.dtype for x in arrays(score_mod)]:
+        return eqx.filter_vjp(fn, s, score_mod)
+    out, vjp_s = jax.vjp(lambda s_: fn(s_, score_mod), s)
+    _, vjp_mod = eqx.filter_vjp(lambda m: fn(s, m), wide)
+    return out, lambda ds: (vjp_s(ds)[0], vjp_mod(ds)[0])

@@ -31,7 +31,16 @@ import numpy as np
 from jaxtyping import Array
 
 from .._mods import INDEX_DTYPE
-from ._base import AbstractBackend, AttentionProblem, block_positions, grads_like
+from ._base import (
+    AbstractBackend,
+    add_mod_grads,
+    AttentionProblem,
+    block_positions,
+    finish_mod_grads,
+    grads_like,
+    score_mod_vjp,
+    zero_mod_grads,
+)
 from ._config import AbstractConfig, check_positive_int
 from ._tiles import (
     clamped,
@@ -177,7 +186,7 @@ def _scores_vjp(problem, lay, t, qt, kt, want_mod_grad: bool):
         return s, lambda ds: (ds, None)
     fn = lambda s_, mod: mod(s_, t.b, t.h, *_clamp(t, lay))
     if want_mod_grad:
-        return eqx.filter_vjp(fn, s, problem.score_mod)
+        return score_mod_vjp(fn, s, problem.score_mod, problem.acc_dtype)
     out, vjp = jax.vjp(lambda s_: fn(s_, problem.score_mod), s)
     return out, lambda ds: (vjp(ds)[0], None)
 
@@ -343,7 +352,7 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
                         preferred_element_type=acc,
                     )
                     if need_dmod:
-                        dmod = jax.tree_util.tree_map(jnp.add, dmod, dmod_j)
+                        dmod = add_mod_grads(dmod, dmod_j)
                     return dk, dv, dmod
 
                 return body
@@ -354,9 +363,7 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
 
         dmod0 = None
         if need_dmod:
-            dmod0 = jax.tree_util.tree_map(
-                jnp.zeros_like, eqx.filter(problem.score_mod, eqx.is_inexact_array)
-            )
+            dmod0 = zero_mod_grads(problem.score_mod, acc)
         rows = _rows(problem, lay, "q")
         r = rows.b.shape[0]
         init = (
@@ -364,6 +371,8 @@ def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
             jnp.zeros((r, lay.bkv, v.shape[-1]), acc),
         )
         (dk, dv), dmod = _by_groups(rows, lay, dkv_group, init, dmod0)
+        if need_dmod:
+            dmod = finish_mod_grads(dmod, problem.score_mod)
 
         def finish(x, like):
             # Sum over the query heads that share a key/value head.
