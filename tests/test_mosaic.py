@@ -55,6 +55,7 @@ def _compare(q, k, v, score_mod, block_mask, tol):
 
 
 IDS = (jnp.arange(200) * 5 // 200).astype(jnp.int32)
+IDS_Q = (jnp.arange(256) * 5 // 256).astype(jnp.int32)
 
 # (name, B, Hq, Hkv, Lq, Lkv, D, Dv, dtype, mask_mod, score_mod, mask B/H)
 CASES = [
@@ -62,7 +63,7 @@ CASES = [
      masks.causal_mask, score_mods.Alibi(jnp.linspace(0.1, 0.9, 4, dtype=jnp.float32)),
      (None, None)),
     ("document_per_batch_softcap", 2, 2, 2, 256, 200, 64, 64, jnp.bfloat16,
-     masks.document_mask(jnp.stack([IDS, IDS[::-1]]), jnp.stack([IDS, IDS[::-1]])),
+     masks.document_mask(jnp.stack([IDS_Q, IDS_Q[::-1]]), jnp.stack([IDS, IDS[::-1]])),
      score_mods.SoftCap(5.0), (2, None)),
     ("masked_rows_checkerboard_head_mask", 1, 2, 2, 130, 200, 128, 64, jnp.float16,
      lambda b, h, q, kv: (q % 3 != 1) & (kv <= q + 70 * h), score_mods.checkerboard,

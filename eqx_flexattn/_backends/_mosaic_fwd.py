@@ -24,7 +24,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import KernelMod
-from ._tiles import LN_2, LOG2_E, clamped, masked, rowwise, softmax_finish, softmax_step
+from ._mosaic_mods import apply_keep, ModTiles
+from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,6 @@ def forward(
     n_score = len(score_tables)
     wg_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    col_layout = plgpu.Layout.WGMMA.reduce(0)
     q_ragged = s.lq_pad != s.lq
     kv_ragged = s.lkv_pad != s.lkv
 
@@ -85,6 +85,9 @@ def forward(
         mask_refs = refs[n_score : n_score + len(mask_tables)]
         out_ref, lse_ref = refs[n_score + len(mask_tables) : -1]
         scoped = refs[-1]
+        lengths = (s.lq if q_ragged else None, s.lkv if kv_ragged else None)
+        score_tiles = ModTiles(score_mod, score_refs, (bq, bkv), "q", lengths)
+        mask_tiles = ModTiles(mask_mod, mask_refs, (bq, bkv), "q", lengths)
         smem, barriers, consumed, schedule = scoped
         q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
@@ -111,31 +114,10 @@ def forward(
             plgpu.copy_gmem_to_smem(
                 q_ref.at[b, h, pl.ds(q0, bq)], q_smem, q_barriers.at[wg]
             )
-            # Hoisted mod tables: per-program scalars and query-block columns are
-            # read once; key-block rows at every step.
-            def load_static(mod, mod_refs):
-                values = []
-                for spec, ref in zip(mod.specs, mod_refs):
-                    tb = b if spec.batch else 0
-                    th = h if spec.head else 0
-                    if spec.kind == "scalar":
-                        values.append(ref[tb, th])
-                    elif spec.kind == "q":
-                        values.append(
-                            plgpu.load(
-                                ref.at[tb, th, pl.ds(q0, bq)],
-                                layout=row_layout,
-                                optimized=False,
-                            )
-                        )
-                    else:
-                        values.append(None)
-                return values
-
-            score_static = (
-                load_static(score_mod, score_refs) if score_mod is not None else []
-            )
-            mask_static = load_static(mask_mod, mask_refs)
+            # Hoisted mod tables: per-program scalars and query-block slices are
+            # read once; key-block slices at every step.
+            score_static = score_tiles.fixed(b, h, q0)
+            mask_static = mask_tiles.fixed(b, h, q0)
             plgpu.barrier_wait(q_barriers.at[wg])
 
             m_i = plgpu.layout_cast(
@@ -152,42 +134,6 @@ def forward(
 
             pl.when(wg == 1)(schedule_barrier)
 
-            def tile_values(mod, mod_refs, static, kv0, shape2):
-                """The mod's table values for this tile, broadcast to its shape."""
-                values = []
-                for spec, ref, val in zip(mod.specs, mod_refs, static):
-                    if spec.kind == "scalar":
-                        values.append(val)
-                    elif spec.kind == "q":
-                        values.append(rowwise(val, jnp.zeros(shape2, val.dtype)))
-                    else:
-                        tb = b if spec.batch else 0
-                        th = h if spec.head else 0
-                        row = plgpu.load(
-                            ref.at[tb, th, pl.ds(kv0, bkv)],
-                            layout=col_layout,
-                            optimized=False,
-                        )
-                        values.append(lax.broadcast_in_dim(row, shape2, (1,)))
-                return values
-
-            def index_tiles(kv0, uses):
-                shape2 = (bq, bkv)
-                q_idx = kv_idx = jnp.int32(0)
-                if "q" in uses:
-                    q_idx = plgpu.broadcasted_iota(
-                        jnp.int32, shape2, 0, layout=wg_layout
-                    ) + q0
-                    if q_ragged:
-                        q_idx = clamped(q_idx, s.lq)
-                if "kv" in uses:
-                    kv_idx = plgpu.broadcasted_iota(
-                        jnp.int32, shape2, 1, layout=wg_layout
-                    ) + kv0
-                    if kv_ragged:
-                        kv_idx = clamped(kv_idx, s.lkv)
-                return q_idx, kv_idx
-
             def step(t, carry, *, apply_mask: bool):
                 acc, m_i, l_i = carry
                 slot = lax.rem(t, jnp.int32(stages))
@@ -201,28 +147,16 @@ def forward(
 
                 sc = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
                 plgpu.barrier_arrive(k_consumed.at[slot])
-                shape2 = (bq, bkv)
                 if score_mod is None:
                     sc = sc * (s.scale * LOG2_E)
                 else:
-                    q_idx, kv_idx = index_tiles(kv0, score_mod.uses)
-                    vals = tile_values(score_mod, score_refs, score_static, kv0, shape2)
-                    sc = score_mod.apply_tile(sc * s.scale, b, h, q_idx, kv_idx, *vals)
+                    vals = score_tiles.values(b, h, kv0, score_static)
+                    sc = score_tiles.score(sc * s.scale, b, h, q0, kv0, vals)
                     sc = sc * LOG2_E
                 if apply_mask:
-                    uses = mask_mod.uses | ({"kv"} if kv_ragged else set())
-                    q_idx, kv_idx = index_tiles(kv0, uses)
-                    vals = tile_values(mask_mod, mask_refs, mask_static, kv0, shape2)
-                    keep = mask_mod.apply_tile(b, h, q_idx, kv_idx, *vals)
-                    if kv_ragged:
-                        raw_kv = plgpu.broadcasted_iota(
-                            jnp.int32, shape2, 1, layout=wg_layout
-                        ) + kv0
-                        keep = keep & (raw_kv < s.lkv)
-                    if jnp.ndim(keep):
-                        sc = masked(sc, keep)
-                    else:  # a mask that ignores positions: no per-element select
-                        sc = sc + jnp.where(keep, 0.0, -jnp.inf)
+                    vals = mask_tiles.values(b, h, kv0, mask_static)
+                    bound = s.lkv if kv_ragged else None
+                    sc = apply_keep(sc, mask_tiles.keep(b, h, q0, kv0, vals, bound))
                 m_i, alpha, p = softmax_step(m_i, sc, jnp.exp2)
                 acc = acc * rowwise(alpha, acc)
                 l_i = l_i * alpha

@@ -1,0 +1,137 @@
+"""Score and mask mods on the register tiles of the Mosaic GPU kernels.
+
+A kernel holds a tile of scores of shape `(R, C)` in the WGMMA layout whose rows are
+query positions (forward, dq) or key positions (dk/dv, which works on `Sᵀ`).
+`ModTiles` loads a `KernelMod`'s tables for such a tile — per-program scalars read
+from GMEM, the rows' slice of a row-kind table once, the columns' slice of a
+column-kind table at every step — builds the index tiles the mod reads, and
+evaluates the mod (or its VJP) elementwise.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .._mods import KernelMod
+from ._tiles import clamped
+
+
+WG = plgpu.Layout.WGMMA
+ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per tile row
+COL = plgpu.Layout.WGMMA.reduce(0)  # one value per tile column
+
+
+class ModTiles:
+    """One mod on `(R, C)` tiles whose rows are `rows` ("q" or "kv") positions.
+
+    `lengths = (Lq, Lkv)`: the true lengths (positions past them are clamped before
+    a mod sees them) when the corresponding axis is padded, else None.
+    """
+
+    def __init__(self, mod: KernelMod | None, refs, shape, rows: str, lengths):
+        self.mod = mod
+        self.refs = refs
+        self.shape = shape
+        self.rows = rows
+        self.lengths = dict(zip(("q", "kv"), lengths))
+
+    def _is_row(self, kind: str) -> bool:
+        return kind == self.rows
+
+    def fixed(self, b, h, row0) -> list:
+        """Values that stay for the program's rows: scalars and row-kind slices."""
+        if self.mod is None:
+            return []
+        values = []
+        for spec, ref in zip(self.mod.specs, self.refs):
+            tb = b if spec.batch else 0
+            th = h if spec.head else 0
+            if spec.kind == "scalar":
+                values.append(ref[tb, th])
+            elif self._is_row(spec.kind):
+                sl = ref.at[tb, th, pl.ds(row0, self.shape[0])]
+                values.append(plgpu.load(sl, layout=ROW, optimized=False))
+            else:
+                values.append(None)
+        return values
+
+    def values(self, b, h, col0, fixed) -> list:
+        """Every table's value for the tile at column `col0`, broadcast to the tile
+        (scalars stay scalars)."""
+        out = []
+        for spec, ref, val in zip(self.mod.specs, self.refs, fixed):
+            if spec.kind == "scalar":
+                out.append(val)
+            elif self._is_row(spec.kind):
+                out.append(lax.broadcast_in_dim(val, self.shape, (0,)))
+            else:
+                tb = b if spec.batch else 0
+                th = h if spec.head else 0
+                sl = ref.at[tb, th, pl.ds(col0, self.shape[1])]
+                col = plgpu.load(sl, layout=COL, optimized=False)
+                out.append(lax.broadcast_in_dim(col, self.shape, (1,)))
+        return out
+
+    def position(self, which: str, row0, col0, clamp: bool = True):
+        """The `which` ("q" or "kv") position of every element of the tile."""
+        dim, start = (0, row0) if self._is_row(which) else (1, col0)
+        pos = plgpu.broadcasted_iota(jnp.int32, self.shape, dim, layout=WG) + start
+        length = self.lengths[which]
+        return clamped(pos, length) if clamp and length is not None else pos
+
+    def indices(self, row0, col0):
+        """(q_idx, kv_idx) tiles (a scalar 0 where the mod reads none)."""
+        q = self.position("q", row0, col0) if "q" in self.mod.uses else jnp.int32(0)
+        kv = self.position("kv", row0, col0) if "kv" in self.mod.uses else jnp.int32(0)
+        return q, kv
+
+    def score(self, s, b, h, row0, col0, values):
+        return self.mod.apply_tile(s, b, h, *self.indices(row0, col0), *values)
+
+    def score_vjp(self, s, b, h, row0, col0, values, ds, want_values: bool):
+        """`(dS before the mod, cotangents of the float values)` for `dS` after it."""
+        q, kv = self.indices(row0, col0)
+        floats = [
+            i for i, sp in enumerate(self.mod.specs)
+            if want_values and jnp.issubdtype(sp.dtype, jnp.floating)
+        ]
+
+        def f(s_, *vf):
+            vals = list(values)
+            for i, x in zip(floats, vf):
+                vals[i] = x
+            return self.mod.apply_tile(s_, b, h, q, kv, *vals)
+
+        full = [
+            values[i] if jnp.ndim(values[i]) else
+            lax.broadcast_in_dim(values[i], self.shape, ()) for i in floats
+        ]
+        _, vjp = jax.vjp(f, s, *full)
+        ds_raw, *dvals = vjp(ds)
+        return ds_raw, dict(zip(floats, dvals))
+
+    def keep(self, b, h, row0, col0, values, kv_bound: int | None):
+        """The mask of the tile (bool tile, or a scalar for position-free masks);
+        with `kv_bound`, keys at or past it are dropped too."""
+        keep = self.mod.apply_tile(b, h, *self.indices(row0, col0), *values)
+        if kv_bound is not None:
+            inside = self.position("kv", row0, col0, clamp=False) < kv_bound
+            keep = keep & inside
+        return keep
+
+
+def apply_keep(s, keep):
+    """`where(keep, s, -inf)`; a scalar `keep` adds 0 or -inf (no per-element select
+    with a scalar predicate in the Mosaic GPU lowering)."""
+    if jnp.ndim(keep):
+        return jnp.where(keep, s, -jnp.inf)
+    return s + jnp.where(keep, 0.0, -jnp.inf)
+
+
+def tile_sum(x):
+    """Sum of a tile, one axis at a time (two-axis reductions don't lower)."""
+    return jnp.sum(jnp.sum(x, axis=1), axis=0)
