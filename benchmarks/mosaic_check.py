@@ -64,6 +64,43 @@ def _case(name, b, hq, hkv, lq, lkv, d, dv, mask=None, score=None, dtype=jnp.bfl
     return ok
 
 
+def grad_case(name, b, hq, hkv, lq, lkv, d, mask=None, score=None,
+              dtype=jnp.bfloat16, tol=2e-2):
+    """Gradients of q, k, v and the score mod's arrays: mosaic against xla-float32."""
+    try:
+        keys = jax.random.split(jax.random.key(1), 4)
+        q = jax.random.normal(keys[0], (b, hq, lq, d), jnp.float32).astype(dtype)
+        k = jax.random.normal(keys[1], (b, hkv, lkv, d), jnp.float32).astype(dtype)
+        v = jax.random.normal(keys[2], (b, hkv, lkv, d), jnp.float32).astype(dtype)
+        w = jax.random.normal(keys[3], (b, hq, lq, d), jnp.float32)
+        bm = None if mask is None else fa.create_block_mask(mask, None, None, lq, lkv)
+
+        def loss(q, k, v, mod, backend):
+            out, lse = fa.flex_attention(q, k, v, mod, bm, enable_gqa=hq != hkv,
+                                         return_lse=True, backend=backend)
+            lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
+            return jnp.sum(out.astype(jnp.float32) * w) + 0.1 * jnp.sum(lse**2)
+
+        t0 = time.perf_counter()
+        argnums = (0, 1, 2, 3) if score is not None else (0, 1, 2)
+        g = jax.jit(jax.grad(lambda *a: loss(*a, "mosaic"), argnums))(q, k, v, score)
+        up = lambda x: x.astype(jnp.float32)
+        want = jax.jit(jax.grad(lambda *a: loss(*a, "xla"), argnums))(
+            up(q), up(k), up(v), score)
+        rels = []
+        for a, r in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want)):
+            a, r = np.asarray(up(a)), np.asarray(r)
+            rels.append(np.linalg.norm(a - r) / max(np.linalg.norm(r), 1e-30)
+                        if not np.isnan(a).any() else np.inf)
+        ok = max(rels) < tol
+        print(f"{'ok  ' if ok else 'FAIL'} grad {name:23s} rel={['%.1e' % x for x in rels]} "
+              f"({time.perf_counter() - t0:.1f}s)", flush=True)
+        return ok
+    except Exception as e:  # noqa: BLE001
+        print(f"FAIL grad {name:23s} {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return False
+
+
 def main() -> int:
     print(jax.devices()[0].device_kind, jax.__version__, flush=True)
     L = 2048
@@ -93,6 +130,18 @@ def main() -> int:
         case("3 stages d64", 1, 4, 4, L, L, 64, 64, masks.causal_mask,
              opts={"num_stages": 3}),
         case("decode lq=1", 2, 4, 4, 1, 4096, 128, 128),
+        grad_case("causal", 2, 4, 4, L, L, 128, masks.causal_mask),
+        grad_case("alibi learnable", 2, 4, 4, L, L, 128, masks.causal_mask, alibi),
+        grad_case("softcap", 2, 4, 4, L, L, 128, masks.causal_mask,
+                  score_mods.SoftCap(30.0)),
+        grad_case("document", 2, 4, 4, L, L, 128,
+                  fa.and_masks(masks.causal_mask, masks.document_mask(ids))),
+        grad_case("sliding", 2, 4, 4, L, L, 128, masks.sliding_window(256)),
+        grad_case("gqa 8/2 + head bias", 1, 8, 2, L, L, 128, masks.causal_mask,
+                  score_mods.HeadBias(jnp.linspace(-1, 1, 8).astype(jnp.float32))),
+        grad_case("ragged fp16 d64", 1, 4, 2, 1000, 1500, 64,
+                  lambda b, h, q, kv: kv <= q + 500, dtype=jnp.float16),
+        grad_case("no mask", 1, 4, 4, 1024, 1024, 128),
     ]
     print(f"{sum(results)}/{len(results)} passed", flush=True)
     return 0 if all(results) else 1

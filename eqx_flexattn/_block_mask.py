@@ -145,15 +145,20 @@ def _dense_to_indices(dense: Bool[Array, "*batch n"]) -> tuple[Array, Array]:
     return num, indices
 
 
-def _indices_to_dense(num: Array, indices: Array, n: int) -> Bool[Array, ...]:
-    """Inverse of `_dense_to_indices`: a bool array whose last axis has size `n`."""
+def _indices_to_dense(
+    num: Array, indices: Array, n: int, check: bool = True
+) -> Bool[Array, ...]:
+    """Inverse of `_dense_to_indices`: a bool array whose last axis has size `n`.
+    With `check`, a listed index outside `[0, n)` is an error (`eqx.error_if`, a
+    runtime check); without, it is dropped."""
     *batch, m = indices.shape
     valid = jnp.arange(m) < num[..., None]
-    indices = eqx.error_if(
-        indices,
-        valid & ((indices < 0) | (indices >= n)),
-        f"BlockMask: a listed block index is outside [0, {n}).",
-    )
+    if check:
+        indices = eqx.error_if(
+            indices,
+            valid & ((indices < 0) | (indices >= n)),
+            f"BlockMask: a listed block index is outside [0, {n}).",
+        )
 
     def row(idx, ok):
         return jnp.zeros((n,), bool).at[idx].max(ok, mode="drop")
@@ -375,10 +380,13 @@ class BlockMask(eqx.Module):
             computed = partial | full   # == bm.to_dense().astype(bool)
             ```
         """
+        return self._states(check=True)
+
+    def _states(self, check: bool):
         nkv = self.num_blocks[1]
         (num, idx), (full_num, full_idx) = self.block_lists()
-        partial = _indices_to_dense(num, idx, nkv)
-        full = _indices_to_dense(full_num, full_idx, nkv)
+        partial = _indices_to_dense(num, idx, nkv, check)
+        full = _indices_to_dense(full_num, full_idx, nkv, check)
         return partial, full
 
     def to_dense(self) -> Int[Array, "*bh mq nkv"]:
@@ -484,7 +492,9 @@ class BlockMask(eqx.Module):
                     f"size must be a multiple of the other, and {old} and {new} are "
                     "not."
                 )
-        partial, full = self.block_states()
+        # No index check: kernels convert inside the compiled call, where a check
+        # would cost a host callback; out-of-range entries are dropped.
+        partial, full = self._states(check=False)
         for axis, old, new, length in zip(
             (-2, -1), self.block_size, new_size, self.seq_lengths
         ):

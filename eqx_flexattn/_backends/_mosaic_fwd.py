@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import KernelMod
-from ._mosaic_mods import apply_keep, ModTiles
+from ._mosaic_mods import accumulate_mma, apply_keep, ModTiles
 from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
 
@@ -182,7 +182,8 @@ def forward(
                     def _():
                         plgpu.barrier_wait(k_barriers.at[lax.rem(nxt, jnp.int32(stages))])
 
-                acc = _pv(acc, p16, v_smem.at[slot], p_smem2, wg, wait_next_k)
+                p_smem = None if p_smem2 is None else p_smem2.at[wg]
+                acc = accumulate_mma(acc, p16, v_smem.at[slot], p_smem, wait_next_k)
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_i, l_i
 
@@ -291,32 +292,6 @@ def forward(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **kwargs,
     )(q, k, v, counts, blocks, *score_tables, *mask_tables)
-
-
-def _pv(acc, p16, v_tile, p_smem2, wg, during):
-    """`acc + p16 @ v_tile` on the tensor cores, running `during()` meanwhile.
-
-    On the GPU, P stays in registers and the wgmma accumulates into `acc` in place.
-    The interpreter runs neither form: there P goes through shared memory into a
-    fresh accumulator.
-    """
-    if p_smem2 is None:
-
-        def compute(acc_ref):
-            plgpu.wgmma(acc_ref, p16, v_tile)
-            during()
-
-        return pl.run_state(compute)(plgpu.ACC.init(acc))
-    p_smem = p_smem2.at[wg]
-    p_smem[...] = p16
-    plgpu.commit_smem()
-
-    def compute_fresh(acc_ref):
-        plgpu.wgmma(acc_ref, p_smem, v_tile)
-        during()
-        return acc_ref[...]
-
-    return acc + pl.run_scoped(compute_fresh, plgpu.ACC(acc.shape, jnp.float32))
 
 
 def tile_rows(block_q: int) -> int:

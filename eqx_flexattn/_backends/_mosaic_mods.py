@@ -135,3 +135,41 @@ def apply_keep(s, keep):
 def tile_sum(x):
     """Sum of a tile, one axis at a time (two-axis reductions don't lower)."""
     return jnp.sum(jnp.sum(x, axis=1), axis=0)
+
+
+def accumulate_mma(acc, a, b_ref, a_smem=None, during=None):
+    """`acc + a @ b_ref` on the tensor cores (`a` in registers, `b_ref` in shared
+    memory), running `during()` while the wgmma is in flight.
+
+    On the GPU the wgmma accumulates into `acc` in place. The interpreter runs
+    neither a register operand nor an initialised accumulator: given `a_smem`, `a`
+    goes through shared memory into a fresh accumulator instead.
+    """
+    if a_smem is None:
+
+        def compute(acc_ref):
+            plgpu.wgmma(acc_ref, a, b_ref)
+            if during is not None:
+                during()
+
+        return pl.run_state(compute)(plgpu.ACC.init(acc))
+    a_smem[...] = a
+    plgpu.commit_smem()
+
+    def compute_fresh(acc_ref):
+        plgpu.wgmma(acc_ref, a_smem, b_ref)
+        if during is not None:
+            during()
+        return acc_ref[...]
+
+    return acc + pl.run_scoped(compute_fresh, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def mma(a_ref, b_ref, shape):
+    """`a_ref @ b_ref` (both in shared memory) into a fresh float32 tile."""
+
+    def compute(acc_ref):
+        plgpu.wgmma(acc_ref, a_ref, b_ref)
+        return acc_ref[...]
+
+    return pl.run_scoped(compute, plgpu.ACC(shape, jnp.float32))

@@ -1,12 +1,15 @@
 """The `mosaic` backend: Pallas Mosaic GPU kernels for NVIDIA Hopper (sm90) and newer.
 
 The forward pass is the block-sparse FlashAttention-3-style kernel of
-`_mosaic_fwd`; the backward pass is, for now, the `xla` backend's, fed with this
-kernel's output and log-sum-exp.
+`_mosaic_fwd`; the backward pass runs the dQ and dK/dV kernels of `_mosaic_bwd`
+(score-mod parameter gradients from the dQ kernel's per-row partials), or the `xla`
+backend's backward where those kernels decline (head dims over 128, gradients of
+per-key float tables), fed with the forward kernel's output and log-sum-exp.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -16,10 +19,14 @@ import jax.numpy as jnp
 from jaxtyping import Array
 
 from .._mods import INDEX_DTYPE, KernelMod, kernel_mod
-from . import _mosaic_fwd
-from ._base import AbstractBackend, AttentionProblem
+from . import _mosaic_bwd, _mosaic_fwd
+from ._base import AbstractBackend, AttentionProblem, grads_like
 from ._config import AbstractConfig, check_bool
+from ._tiles import LOG2_E
 from .xla import XlaBackend
+
+
+logger = logging.getLogger("eqx_flexattn")
 
 
 class MosaicConfig(AbstractConfig):
@@ -66,13 +73,13 @@ class MosaicConfig(AbstractConfig):
         return 128 if head_dim <= 128 else 64
 
 
-def _pad_to(x: Array, axis: int, size: int) -> Array:
+def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
     pad = size - x.shape[axis]
     if pad == 0:
         return x
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def _block_lists(problem: AttentionProblem, rows: int, cols: int, kv_ragged: bool):
@@ -181,4 +188,145 @@ class MosaicBackend(AbstractBackend):
         return out[:, :, :lq, :dv], lse[:, :, :lq]
 
     def backward(self, problem, out, lse, dout, dlse, perturbed) -> Any:
-        return XlaBackend().backward(problem, out, lse, dout, dlse, perturbed)
+        need_mod = perturbed.score_mod is not None and any(
+            jax.tree_util.tree_leaves(perturbed.score_mod)
+        )
+        reason = self._backward_declines(problem, need_mod)
+        if reason is not None:
+            logger.debug("mosaic backward: the xla backward runs: %s", reason)
+            return XlaBackend().backward(problem, out, lse, dout, dlse, perturbed)
+        if dout is None:
+            dout = jnp.zeros_like(out)
+        cfg = self.config(problem)
+        q, k, v = problem.q, problem.k, problem.v
+        b, hq, lq, d = q.shape
+        hkv, lkv, dv = v.shape[1:]
+        lq_pad, lkv_pad = self._padded(problem, cfg)
+        d_pad, dv_pad = 64 * math.ceil(d / 64), 64 * math.ceil(dv / 64)
+        bkv = cfg.kv_tile(d_pad)
+        shape = _mosaic_bwd.BackwardShape(
+            b=b, hq=hq, hkv=hkv, lq=lq, lkv=lkv, lq_pad=lq_pad, lkv_pad=lkv_pad,
+            d=d_pad, dv=dv_pad, block_kv=bkv, num_stages=cfg.num_stages,
+            scale=problem.scale, interpret=cfg.interpret,
+        )
+        # The prologue: delta = rowsum(dO * O) (less dlse), lse in base 2 with +inf
+        # for fully masked rows (their P is then 0).
+        finite = jnp.isfinite(lse)
+        delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+        if dlse is not None:
+            delta = delta - jnp.where(finite, dlse.astype(jnp.float32), 0.0)
+        lse2 = jnp.where(finite, lse * LOG2_E, jnp.inf)
+        lse2 = _pad_to(lse2, 2, lq_pad, jnp.inf)
+        delta = _pad_to(delta, 2, lq_pad)
+        qp = _pad_to(_pad_to(q, 2, lq_pad), 3, d_pad)
+        kp = _pad_to(_pad_to(k, 2, lkv_pad), 3, d_pad)
+        vp = _pad_to(_pad_to(v, 2, lkv_pad), 3, dv_pad)
+        dop = _pad_to(_pad_to(dout, 2, lq_pad), 3, dv_pad)
+        score, mask = self._mods(problem, lq_pad, lkv_pad)
+        kv_ragged = lkv_pad != lkv
+
+        dq = dmod = None
+        if perturbed.q or need_mod:
+            rows = _mosaic_fwd.tile_rows(cfg.block_q)
+            counts, blocks = _block_lists(problem, rows, bkv, kv_ragged)
+            dq, row_grads = _mosaic_bwd.dq_kernel(
+                shape, qp, kp, vp, dop, lse2, delta, counts, blocks, score, mask,
+                need_mod,
+            )
+            dq = dq[:, :, :lq, :d]
+            if need_mod:
+                dmod = _table_vjp(problem, score, row_grads, lq_pad, lkv_pad)
+        dk = dv_ = None
+        if perturbed.k or perturbed.v:
+            counts, work = _work_lists(problem, hkv, kv_ragged)
+            dk, dv_ = _mosaic_bwd.dkv_kernel(
+                shape, qp, kp, vp, dop, lse2, delta, counts, work, score, mask
+            )
+            dk, dv_ = dk[:, :, :lkv, :d], dv_[:, :, :lkv, :dv]
+        return grads_like(problem, dq, dk, dv_, dmod)
+
+    def _backward_declines(self, problem, need_mod: bool) -> str | None:
+        """Why the backward kernels can't take `problem` (None: they can)."""
+        d, dv = problem.q.shape[-1], problem.v.shape[-1]
+        if max(d, dv) > 128:
+            return f"head dims over 128 (D={d}, Dv={dv}) exceed the registers"
+        if need_mod:
+            cfg = self.config(problem)
+            score, _ = self._mods(problem, *self._padded(problem, cfg))
+            for spec in score.specs:
+                if spec.kind == "kv" and jnp.issubdtype(spec.dtype, jnp.floating):
+                    return "gradients of per-key score-mod tables are not in the kernel"
+        return None
+
+
+def _table_vjp(problem, score: KernelMod, row_grads: dict, lq_pad: int, lkv_pad: int):
+    """Gradients of the score mod's arrays from the dQ kernel's per-row partials of its
+    tables' gradients: the partials are summed (float32, fixed order) over the axes
+    each table lacks, then pulled back through the table construction."""
+    b, hq, lq, _ = problem.q.shape
+    lkv = problem.k.shape[2]
+    floats = sorted(row_grads)
+    cotangents = []
+    for i in floats:
+        spec = score.specs[i]
+        g = row_grads[i]
+        if spec.kind == "scalar":
+            g = jnp.sum(g, axis=-1)
+        if not spec.batch:
+            g = jnp.sum(g, axis=0, keepdims=True)
+        if not spec.head:
+            g = jnp.sum(g, axis=1, keepdims=True)
+        cotangents.append(g)
+
+    def tables(mod):
+        km = kernel_mod(mod, b, hq, lq, lkv, lq_pad=lq_pad, lkv_pad=lkv_pad)
+        return tuple(km.tables[i] for i in floats)
+
+    _, vjp = eqx.filter_vjp(tables, problem.score_mod)
+    (dmod,) = vjp(tuple(cotangents))
+    return dmod
+
+
+def _work_lists(problem: AttentionProblem, hkv: int, kv_ragged: bool):
+    """The dK/dV kernel's lists: per (batch, kv head, 128-key block), the 64-row query
+    tiles of every query head of the group, coded `j * Mq + i`, full ones first;
+    `counts (B|1, Hkv, Nkv, 2)` (full, all). Every tile of a ragged last key block
+    counts as partial (its padded keys must be masked)."""
+    bm = problem.block_mask
+    if bm.block_size != (64, 128):
+        bm = bm.at_block_size(64, 128)
+    (p_num, p_idx), (f_num, f_idx) = bm.block_lists(transposed=True)
+    mb, mh, nkv, mq = p_idx.shape
+    hq = problem.q.shape[1]
+    g = hq // hkv
+
+    def by_group(num, idx):
+        # (B|1, Hq, Nkv, Mq) -> codes (B|1, Hkv, Nkv, G*Mq) with validity.
+        num = jnp.broadcast_to(num, (mb, hq, nkv))
+        idx = jnp.broadcast_to(idx, (mb, hq, nkv, mq))
+        j = jnp.arange(hq, dtype=INDEX_DTYPE).reshape(1, hkv, g, 1, 1) % g
+        idx = idx.reshape(mb, hkv, g, nkv, mq)
+        valid = jnp.arange(mq) < num.reshape(mb, hkv, g, nkv)[..., None]
+        code = j * mq + idx
+        code = jnp.moveaxis(code, 2, 3).reshape(mb, hkv, nkv, g * mq)
+        valid = jnp.moveaxis(valid, 2, 3).reshape(mb, hkv, nkv, g * mq)
+        order = jnp.argsort(~valid, axis=-1, stable=True)
+        return (
+            jnp.sum(valid, axis=-1, dtype=INDEX_DTYPE),
+            jnp.take_along_axis(code, order, axis=-1),
+        )
+
+    n_full, full = by_group(f_num, f_idx)
+    n_part, part = by_group(p_num, p_idx)
+    n = full.shape[-1]
+    t = jnp.arange(n, dtype=INDEX_DTYPE)
+    from_part = jnp.clip(t - n_full[..., None], 0, n - 1)
+    work = jnp.where(
+        t < n_full[..., None], full, jnp.take_along_axis(part, from_part, axis=-1)
+    )
+    n_unmasked = n_full
+    if kv_ragged:
+        last = jnp.arange(nkv) == nkv - 1
+        n_unmasked = jnp.where(last, 0, n_full)
+    counts = jnp.stack([n_unmasked, n_full + n_part], axis=-1)
+    return counts.astype(INDEX_DTYPE), work.astype(INDEX_DTYPE)

@@ -1,0 +1,396 @@
+"""The Pallas Mosaic GPU backward kernels (Hopper): block-sparse dQ and dK/dV.
+
+Both recompute `P = exp2(S·log2(e) − lse₂)` from the forward's lse (base 2; `+inf`
+for fully masked rows, so their `P` is 0) and `dS = P ⊙ (dP − delta)` with
+`delta = rowsum(dO ⊙ O)` precomputed. Like the forward, a program runs two consumer
+warpgroups of 64 rows and a producer warpgroup that streams tiles by TMA through a
+`num_stages`-deep shared-memory ring, in the order of a block list: full blocks
+first, then partial ones (mask mod applied).
+
+- dQ: one program per (query head, 128-row query block, batch), streaming the K/V
+  tiles of the block's key list; `dQ += dS K`. It also returns, per query row, the
+  row sums of the score mod's VJP on every float table of kind "scalar" or "q"
+  (`_mods.KernelMod`): the parameter gradients, reduced afterwards (no atomics).
+- dK/dV: one program per (key/value head, 128-key block, batch), streaming the Q/dO
+  tiles (64 rows) of the block's transposed lists for every query head of the group
+  (GQA is summed in registers); it works on `Sᵀ` (rows are keys):
+  `dV += Pᵀ dO`, `dK += dSᵀ Q`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from .._mods import KernelMod
+from ._mosaic_mods import COL, ROW, WG, accumulate_mma, apply_keep, mma, ModTiles
+from ._tiles import LOG2_E, rowwise
+
+
+@dataclasses.dataclass(frozen=True)
+class BackwardShape:
+    b: int
+    hq: int
+    hkv: int
+    lq: int
+    lkv: int
+    lq_pad: int
+    lkv_pad: int
+    d: int
+    dv: int
+    block_kv: int  # key tile of the dQ kernel
+    num_stages: int
+    scale: float
+    interpret: bool
+
+    @property
+    def groups(self) -> int:
+        return self.hq // self.hkv
+
+
+ROWS = 64  # rows per consumer warpgroup (the wgmma height)
+
+
+def _transforms():
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def _grad_tables(mod: KernelMod | None, want: bool) -> list[int]:
+    """Indices of the tables whose gradient the kernels produce."""
+    if mod is None or not want:
+        return []
+    return [i for i, sp in enumerate(mod.specs) if jnp.issubdtype(sp.dtype, jnp.floating)]
+
+
+def dq_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, blocks,
+              score_mod: KernelMod | None, mask_mod: KernelMod, want_tables: bool):
+    """dQ `(B, Hq, Lq_pad, D)` (q's dtype) and, per differentiated table, its
+    per-query-row gradient partials `(B, Hq, Lq_pad)` float32."""
+    s = shape
+    dtype = q.dtype
+    bkv, stages = s.block_kv, s.num_stages
+    mq = s.lq_pad // (2 * ROWS)
+    mask_b, mask_h = blocks.shape[:2]
+    score_tables = () if score_mod is None else score_mod.tables
+    n_score, n_mask = len(score_tables), len(mask_mod.tables)
+    grads = _grad_tables(score_mod, want_tables)
+    lengths = (s.lq if s.lq_pad != s.lq else None,
+               s.lkv if s.lkv_pad != s.lkv else None)
+    kv_bound = s.lkv if s.lkv_pad != s.lkv else None
+    tile = (ROWS, bkv)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, blocks_ref,
+               *refs):
+        score_refs = refs[:n_score]
+        mask_refs = refs[n_score:n_score + n_mask]
+        dq_ref, *grad_refs = refs[n_score + n_mask:-1]
+        smem, barriers, consumed = refs[-1]
+        q_smem2, do_smem2, k_smem, v_smem, row_smem2, a_smem2 = smem
+        k_barriers, v_barriers, q_barriers = barriers
+        k_consumed, v_consumed = consumed
+        score_tiles = ModTiles(score_mod, score_refs, tile, "q", lengths)
+        mask_tiles = ModTiles(mask_mod, mask_refs, tile, "q", lengths)
+
+        h = lax.axis_index("heads")
+        qi = mq - 1 - lax.axis_index("q")
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        mb = b if mask_b > 1 else 0
+        mh = h if mask_h > 1 else 0
+        n_full = counts_ref[mb, mh, qi, 0]
+        n_all = counts_ref[mb, mh, qi, 1]
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+            q0 = qi * (2 * ROWS) + wg * ROWS
+            rows = (b, h, pl.ds(q0, ROWS))
+            plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barriers.at[2 * wg])
+            plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, q_barriers.at[2 * wg + 1])
+            lse = plgpu.load(lse_ref.at[rows], layout=ROW, optimized=False)
+            dlt = plgpu.load(delta_ref.at[rows], layout=ROW, optimized=False)
+            score_fixed = score_tiles.fixed(b, h, q0)
+            mask_fixed = mask_tiles.fixed(b, h, q0)
+            plgpu.barrier_wait(q_barriers.at[2 * wg])
+            plgpu.barrier_wait(q_barriers.at[2 * wg + 1])
+            a_smem = None if a_smem2 is None else a_smem2.at[wg]
+
+            dq = plgpu.layout_cast(jnp.zeros((ROWS, s.d), jnp.float32), WG)
+            sums = [plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), ROW)
+                    for _ in grads]
+
+            def step(t, carry, *, apply_mask):
+                dq, sums = carry
+                slot = lax.rem(t, jnp.int32(stages))
+                kv0 = blocks_ref[mb, mh, qi, t] * bkv
+                plgpu.barrier_wait(k_barriers.at[slot])
+                raw = mma(q_smem, k_smem.at[slot].T, tile) * s.scale
+                if score_mod is not None:
+                    vals = score_tiles.values(b, h, kv0, score_fixed)
+                    sc = score_tiles.score(raw, b, h, q0, kv0, vals) * LOG2_E
+                else:
+                    sc = raw * LOG2_E
+                if apply_mask:
+                    mvals = mask_tiles.values(b, h, kv0, mask_fixed)
+                    sc = apply_keep(sc, mask_tiles.keep(b, h, q0, kv0, mvals, kv_bound))
+                p = jnp.exp2(sc - rowwise(lse, sc))
+                plgpu.barrier_wait(v_barriers.at[slot])
+                dp = mma(do_smem, v_smem.at[slot].T, tile)
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                ds = p * (dp - rowwise(dlt, dp))
+                if score_mod is not None:
+                    ds, dvals = score_tiles.score_vjp(
+                        raw, b, h, q0, kv0, vals, ds, bool(grads))
+                    sums = [acc + jnp.sum(dvals[i], axis=1)
+                            for acc, i in zip(sums, grads)]
+                dq = accumulate_mma(dq, ds.astype(dtype), k_smem.at[slot], a_smem)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                return dq, sums
+
+            carry = (dq, sums)
+            carry = lax.fori_loop(jnp.int32(0), n_full,
+                                  lambda t, c: step(t, c, apply_mask=False), carry)
+            dq, sums = lax.fori_loop(n_full, n_all,
+                                     lambda t, c: step(t, c, apply_mask=True), carry)
+            q_smem[...] = (dq * s.scale).astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
+            for j, (ref, acc) in enumerate(zip(grad_refs, sums)):
+                row_smem = row_smem2.at[wg, j]
+                row_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(row_smem, ref.at[rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+            kvh = lax.div(h, jnp.array(s.groups, h.dtype))
+
+            def fetch(t, slot):
+                blk = blocks_ref[mb, mh, qi, t]
+                at = (b, kvh, pl.ds(blk * bkv, bkv))
+                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_barriers.at[slot])
+
+            _produce(fetch, n_all, stages, (k_consumed, v_consumed))
+
+    def entry(*refs):
+        smem = [
+            plgpu.SMEM((2, ROWS, s.d), dtype, transforms=_transforms()),
+            plgpu.SMEM((2, ROWS, s.dv), dtype, transforms=_transforms()),
+            plgpu.SMEM((stages, bkv, s.d), dtype, transforms=_transforms()),
+            plgpu.SMEM((stages, bkv, s.dv), dtype, transforms=_transforms()),
+            plgpu.SMEM((2, max(len(grads), 1), ROWS), jnp.float32),
+            plgpu.SMEM((2, ROWS, bkv), dtype, transforms=_transforms())
+            if s.interpret else None,
+        ]
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            smem,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=4)),
+            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            collective_axes="wg",
+        )
+
+    out_type = [jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad, s.d), dtype)]
+    out_type += [jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad), jnp.float32) for _ in grads]
+    outs = plgpu.kernel(
+        entry,
+        out_type=tuple(out_type),
+        grid=(s.hq, mq, s.b),
+        grid_names=("heads", "q", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **_interpret(s),
+    )(q, k, v, do, lse2, delta, counts, blocks, *score_tables, *mask_mod.tables)
+    return outs[0], dict(zip(grads, outs[1:]))
+
+
+def dkv_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, work,
+               score_mod: KernelMod | None, mask_mod: KernelMod):
+    """dK `(B, Hkv, Lkv_pad, D)` and dV `(B, Hkv, Lkv_pad, Dv)` in k's dtype.
+
+    `work (B|1, Hkv, Nkv, G·Mq)`: per key block, the query tiles (64 rows) to visit,
+    coded `j·Mq + i` (query head `kv_head·G + j`, tile `i`), full ones first;
+    `counts (B|1, Hkv, Nkv, 2)`: the number of full ones and of all.
+    """
+    s = shape
+    dtype = q.dtype
+    stages = s.num_stages
+    nkv = s.lkv_pad // (2 * ROWS)
+    mq = s.lq_pad // ROWS
+    work_b = work.shape[0]
+    score_tables = () if score_mod is None else score_mod.tables
+    n_score, n_mask = len(score_tables), len(mask_mod.tables)
+    lengths = (s.lq if s.lq_pad != s.lq else None,
+               s.lkv if s.lkv_pad != s.lkv else None)
+    kv_bound = s.lkv if s.lkv_pad != s.lkv else None
+    tile = (ROWS, ROWS)  # (keys, queries)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, work_ref,
+               *refs):
+        score_refs = refs[:n_score]
+        mask_refs = refs[n_score:n_score + n_mask]
+        dk_ref, dv_ref = refs[n_score + n_mask:-1]
+        smem, barriers, consumed = refs[-1]
+        k_smem2, v_smem2, q_smem, do_smem, lse_smem, dlt_smem, a_smem2 = smem
+        q_bars, do_bars, lse_bars, dlt_bars, kv_bars = barriers
+        score_tiles = ModTiles(score_mod, score_refs, tile, "kv", lengths)
+        mask_tiles = ModTiles(mask_mod, mask_refs, tile, "kv", lengths)
+
+        kvh = lax.axis_index("heads")
+        ki = nkv - 1 - lax.axis_index("kv")
+        b = lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        wb = b if work_b > 1 else 0
+        n_full = counts_ref[wb, kvh, ki, 0]
+        n_all = counts_ref[wb, kvh, ki, 1]
+
+        def decode(t):
+            code = work_ref[wb, kvh, ki, t]
+            j = lax.div(code, jnp.int32(mq))
+            return kvh * s.groups + j, lax.rem(code, jnp.int32(mq))
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+            kv0 = ki * (2 * ROWS) + wg * ROWS
+            keys = (b, kvh, pl.ds(kv0, ROWS))
+            plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_bars.at[2 * wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_bars.at[2 * wg + 1])
+            plgpu.barrier_wait(kv_bars.at[2 * wg])
+            plgpu.barrier_wait(kv_bars.at[2 * wg + 1])
+            a_smem = None if a_smem2 is None else a_smem2.at[wg]
+            dk = plgpu.layout_cast(jnp.zeros((ROWS, s.d), jnp.float32), WG)
+            dv = plgpu.layout_cast(jnp.zeros((ROWS, s.dv), jnp.float32), WG)
+
+            def step(t, carry, *, apply_mask):
+                dk, dv = carry
+                slot = lax.rem(t, jnp.int32(stages))
+                h, qt = decode(t)
+                q0 = qt * ROWS
+                plgpu.barrier_wait(q_bars.at[slot])
+                raw = mma(k_smem, q_smem.at[slot].T, tile) * s.scale
+                if score_mod is not None:
+                    fixed = score_tiles.fixed(b, h, kv0)
+                    vals = score_tiles.values(b, h, q0, fixed)
+                    sc = score_tiles.score(raw, b, h, kv0, q0, vals) * LOG2_E
+                else:
+                    sc = raw * LOG2_E
+                if apply_mask:
+                    mfixed = mask_tiles.fixed(b, h, kv0)
+                    mvals = mask_tiles.values(b, h, q0, mfixed)
+                    sc = apply_keep(sc, mask_tiles.keep(b, h, kv0, q0, mvals, kv_bound))
+                plgpu.barrier_wait(lse_bars.at[slot])
+                lse = plgpu.load(lse_smem.at[slot], layout=COL)
+                pt = jnp.exp2(sc - lax.broadcast_in_dim(lse, tile, (1,)))
+                plgpu.barrier_wait(do_bars.at[slot])
+                dv = accumulate_mma(dv, pt.astype(dtype), do_smem.at[slot], a_smem)
+                dpt = mma(v_smem, do_smem.at[slot].T, tile)
+                plgpu.barrier_wait(dlt_bars.at[slot])
+                dlt = plgpu.load(dlt_smem.at[slot], layout=COL)
+                dst = pt * (dpt - lax.broadcast_in_dim(dlt, tile, (1,)))
+                if score_mod is not None:
+                    dst, _ = score_tiles.score_vjp(raw, b, h, kv0, q0, vals, dst, False)
+                dk = accumulate_mma(dk, dst.astype(dtype), q_smem.at[slot], a_smem)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dk, dv
+
+            carry = (dk, dv)
+            carry = lax.fori_loop(jnp.int32(0), n_full,
+                                  lambda t, c: step(t, c, apply_mask=False), carry)
+            dk, dv = lax.fori_loop(n_full, n_all,
+                                   lambda t, c: step(t, c, apply_mask=True), carry)
+            k_smem[...] = (dk * s.scale).astype(dtype)
+            v_smem[...] = dv.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[keys])
+            plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def fetch(t, slot):
+                h, qt = decode(t)
+                rows = (b, h, pl.ds(qt * ROWS, ROWS))
+                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bars.at[slot])
+                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bars.at[slot])
+                plgpu.copy_gmem_to_smem(lse_ref.at[rows], lse_smem.at[slot],
+                                        lse_bars.at[slot])
+                plgpu.copy_gmem_to_smem(delta_ref.at[rows], dlt_smem.at[slot],
+                                        dlt_bars.at[slot])
+
+            _produce(fetch, n_all, stages, (consumed,))
+
+    def entry(*refs):
+        smem = [
+            plgpu.SMEM((2, ROWS, s.d), dtype, transforms=_transforms()),
+            plgpu.SMEM((2, ROWS, s.dv), dtype, transforms=_transforms()),
+            plgpu.SMEM((stages, ROWS, s.d), dtype, transforms=_transforms()),
+            plgpu.SMEM((stages, ROWS, s.dv), dtype, transforms=_transforms()),
+            plgpu.SMEM((stages, ROWS), jnp.float32),
+            plgpu.SMEM((stages, ROWS), jnp.float32),
+            plgpu.SMEM((2, ROWS, ROWS), dtype, transforms=_transforms())
+            if s.interpret else None,
+        ]
+        pl.run_scoped(
+            lambda *scoped: kernel(*refs, scoped),
+            smem,
+            (*(plgpu.Barrier(num_barriers=stages) for _ in range(4)),
+             plgpu.Barrier(num_barriers=4)),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            collective_axes="wg",
+        )
+
+    out_type = (
+        jax.ShapeDtypeStruct((s.b, s.hkv, s.lkv_pad, s.d), dtype),
+        jax.ShapeDtypeStruct((s.b, s.hkv, s.lkv_pad, s.dv), dtype),
+    )
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(s.hkv, nkv, s.b),
+        grid_names=("heads", "kv", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **_interpret(s),
+    )(q, k, v, do, lse2, delta, counts, work, *score_tables, *mask_mod.tables)
+
+
+def _produce(fetch, n_all, stages: int, consumed_barriers):
+    """The producer warpgroup's loop: fill the ring, then refill each slot once both
+    consumers released it; finally observe the last release of every slot used (so
+    each barrier ends in a completed phase)."""
+    for i in range(stages):
+        pl.when(i < n_all)(lambda i=i: fetch(jnp.int32(i), i))
+
+    @pl.loop(jnp.int32(0), jnp.maximum(n_all - stages, jnp.int32(0)))
+    def _(t):
+        slot = lax.rem(t, jnp.int32(stages))
+        for bar in consumed_barriers:
+            plgpu.barrier_wait(bar.at[slot])
+        fetch(t + stages, slot)
+
+    for i in range(stages):
+
+        @pl.when(i < n_all)
+        def _():
+            for bar in consumed_barriers:
+                plgpu.barrier_wait(bar.at[i])
+
+
+def _interpret(s) -> dict:
+    return {"interpret": plgpu.InterpretGPUParams()} if s.interpret else {}
