@@ -16,7 +16,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .._mods import KernelMod
+from .._mods import _bind, KernelMod
 from ._tiles import clamped
 
 
@@ -110,8 +110,13 @@ class ModTiles:
             values[i] if jnp.ndim(values[i]) else
             lax.broadcast_in_dim(values[i], self.shape, ()) for i in floats
         ]
-        _, vjp = jax.vjp(f, s, *full)
-        ds_raw, *dvals = vjp(ds)
+        def pullback(ds, s, *full):
+            return jax.vjp(f, s, *full)[1](ds)
+
+        # Transposition sums cotangents with `add_any`, which the Mosaic GPU
+        # lowering lacks: evaluate the VJP with plain additions instead.
+        closed = jax.make_jaxpr(pullback)(ds, s, *full)
+        ds_raw, *dvals = _eval_with_add(closed.jaxpr, closed.consts, ds, s, *full)
         return ds_raw, dict(zip(floats, dvals))
 
     def keep(self, b, h, row0, col0, values, kv_bound: int | None):
@@ -122,6 +127,23 @@ class ModTiles:
             inside = self.position("kv", row0, col0, clamp=False) < kv_bound
             keep = keep & inside
         return keep
+
+
+def _eval_with_add(jaxpr, consts, *args):
+    """`eval_jaxpr` with `add_any` evaluated as `lax.add`, also in nested calls."""
+    env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
+    read = lambda v: v.val if isinstance(v, jax.extend.core.Literal) else env[v]
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        sub = eqn.params.get("jaxpr") if eqn.primitive.name in ("jit", "pjit") else None
+        if eqn.primitive.name == "add_any":
+            outs = [lax.add(*invals)]
+        elif sub is not None:
+            outs = _eval_with_add(sub.jaxpr, sub.consts, *invals)
+        else:
+            outs = _bind(eqn, invals)
+        env.update(zip(eqn.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
 
 
 def apply_keep(s, keep):
