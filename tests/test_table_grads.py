@@ -201,3 +201,14 @@ def test_reduce_rejects_misshapen_partials():
         reduce_table_grads(
             (jnp.zeros((2, 3, 8)),), (int_spec,), (table.astype(jnp.int32),)
         )
+
+
+def test_table_vjp_low_precision_leaf():
+    """A bfloat16 leaf: the VJP runs in float32 and is cast to bfloat16 once."""
+    bias = jnp.array([0.5, -1.0, 2.0, 3.0], jnp.bfloat16)
+    mod = convert_score_mod(score_mods.HeadBias(bias), jnp.float32)
+    build = lambda m: kernel_mod(m, B, HQ, LQ, LKV, lq_pad=LQ_PAD, lkv_pad=LKV_PAD)
+    g = jnp.arange(HQ, dtype=jnp.float32)[None] + 1 / 3
+    (got,) = jax.tree_util.tree_leaves(table_vjp(build, mod, (g,)))
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(got, g[0].astype(jnp.bfloat16))
