@@ -21,6 +21,7 @@ dS, summed over tiles.
 
 from __future__ import annotations
 
+import functools as ft
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -191,11 +192,12 @@ def _scores_vjp(problem, lay, t, qt, kt, want_mod_grad: bool):
     return out, lambda ds: (vjp(ds)[0], None)
 
 
-def _sweep(rows: _Rows, body_for: Callable, carry):
-    """Runs `body_for(num, indices, apply_mask)` as a loop over the partial list, then
-    the full list, of a group of rows, each for the group's longest list."""
+def _sweep(rows: _Rows, step: Callable, carry):
+    """Runs `step(num, indices, apply_mask, j, carry)` for `j` in a loop over the
+    partial list, then one over the full list, of a group of rows, each for the
+    group's longest list."""
     for (num, idx), apply_mask in ((rows.partial, True), (rows.full, False)):
-        body = body_for(num, idx, apply_mask)
+        body = ft.partial(step, num, idx, apply_mask)
         carry = jax.lax.fori_loop(0, jnp.max(num), body, carry)
     return carry
 
@@ -229,25 +231,22 @@ def _forward(problem: AttentionProblem) -> tuple[Array, Array]:
             jnp.zeros((n, lay.bq, dv), acc),
         )
 
-        def body_for(num, idx, apply_mask):
-            def body(j, carry):
-                m, denom, o = carry
-                blk = idx[:, j]
-                t = _tile(rows, q_pos, block_positions(blk, lay.bkv))
-                kt = kb[rows.b, rows.h // g, blk]
-                vt = vb[rows.b, rows.h // g, blk]
-                s = _scores(problem, lay, t, qt, kt)
-                s = masked(s, _keep(problem, lay, t, j < num, apply_mask))
-                m_new, alpha, p = softmax_step(m, s)
-                pv = jnp.einsum(
-                    "nqk,nkd->nqd", p.astype(vt.dtype), vt, preferred_element_type=acc
-                )
-                denom = alpha * denom + jnp.sum(p, axis=-1)
-                return m_new, denom, rowwise(alpha, o) * o + pv
+        def step(num, idx, apply_mask, j, carry):
+            m, denom, o = carry
+            blk = idx[:, j]
+            t = _tile(rows, q_pos, block_positions(blk, lay.bkv))
+            kt = kb[rows.b, rows.h // g, blk]
+            vt = vb[rows.b, rows.h // g, blk]
+            s = _scores(problem, lay, t, qt, kt)
+            s = masked(s, _keep(problem, lay, t, j < num, apply_mask))
+            m_new, alpha, p = softmax_step(m, s)
+            pv = jnp.einsum(
+                "nqk,nkd->nqd", p.astype(vt.dtype), vt, preferred_element_type=acc
+            )
+            denom = alpha * denom + jnp.sum(p, axis=-1)
+            return m_new, denom, rowwise(alpha, o) * o + pv
 
-            return body
-
-        m, denom, o = _sweep(rows, body_for, init)
+        m, denom, o = _sweep(rows, step, init)
         return softmax_finish(o, denom, m), extra
 
     rows = _rows(problem, lay, "kv")
@@ -259,128 +258,191 @@ def _forward(problem: AttentionProblem) -> tuple[Array, Array]:
     return out.astype(problem.q.dtype), lse
 
 
-def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
-    lay = _layout(problem)
+# Backward pass -------------------------------------------------------------------
+#
+# A prologue (`_backward_inputs`) computes what both passes read: delta, the safe
+# lse and the inputs cut into blocks. The dq pass walks each query block's key list;
+# the dk/dv pass walks each key block's query list and also reduces the score mod's
+# parameter gradients. Both call `_tile_backward` on each batch of tiles. A pass is a
+# `group` function (one group of rows, see `_by_groups`) and a `step` function (one
+# tile per row, see `_sweep`), with the per-group operands bound by `ft.partial`.
+
+
+class _BackwardInputs(NamedTuple):
+    """What both backward passes read, cut into blocks (`_to_blocks`)."""
+
+    q: Array  # (B, Hq, Mq, bq, D)
+    dout: Array  # (B, Hq, Mq, bq, Dv)
+    lse: Array  # (B, Hq, Mq, bq): the forward's lse, 0 on fully masked rows
+    delta: Array  # (B, Hq, Mq, bq): rowsum(dO * O), minus dlse where lse is finite
+    k: Array  # (B, Hkv, Nkv, bkv, D)
+    v: Array  # (B, Hkv, Nkv, bkv, Dv)
+
+
+def _backward_inputs(
+    problem: AttentionProblem,
+    lay: _Layout,
+    out: Array,
+    lse: Array,
+    dout: Array,
+    dlse: Array | None,
+) -> _BackwardInputs:
+    """The backward pass's prologue: `delta = rowsum(dO * O) - dlse` in the
+    accumulator dtype and the lse with fully masked rows set to 0 (their
+    probabilities are zeroed by the mask anyway), in blocks with q, dO, k and v."""
     acc = problem.acc_dtype
-    g = problem.groups
-    q, k, v = problem.q, problem.k, problem.v
     nonempty = jnp.isfinite(lse)
     delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1)
     if dlse is not None:
         # The lse of a fully masked row is a constant -inf: no gradient flows back.
         delta = delta - jnp.where(nonempty, dlse.astype(acc), 0.0)
     lse_safe = jnp.where(nonempty, lse, 0.0)
-    qb = _to_blocks(q, lay.mq, lay.bq)
-    dob = _to_blocks(dout, lay.mq, lay.bq)
-    lseb = _to_blocks(lse_safe, lay.mq, lay.bq)
-    deltab = _to_blocks(delta, lay.mq, lay.bq)
-    kb = _to_blocks(k, lay.nkv, lay.bkv)
-    vb = _to_blocks(v, lay.nkv, lay.bkv)
+    return _BackwardInputs(
+        q=_to_blocks(problem.q, lay.mq, lay.bq),
+        dout=_to_blocks(dout, lay.mq, lay.bq),
+        lse=_to_blocks(lse_safe, lay.mq, lay.bq),
+        delta=_to_blocks(delta, lay.mq, lay.bq),
+        k=_to_blocks(problem.k, lay.nkv, lay.bkv),
+        v=_to_blocks(problem.v, lay.nkv, lay.bkv),
+    )
 
-    def probs_and_ds(t, qt, kt, vt, dot, lset, deltat, keep, want_mod_grad):
-        s, vjp = _scores_vjp(problem, lay, t, qt, kt, want_mod_grad)
-        p = probabilities(s, lset, keep)
-        dp = jnp.einsum("nqd,nkd->nqk", dot, vt, preferred_element_type=acc)
-        ds = jnp.where(keep, score_gradient(p, dp, deltat), 0.0)
-        ds_raw, dmod = vjp(ds)
-        return p, ds_raw, dmod
 
-    dq = None
-    if need_dq:
+class _QSide(NamedTuple):
+    """The query-side operands of a batch of tiles: one query block per row."""
 
-        def dq_group(rows: _Rows, extra):
-            idx_q = (rows.b, rows.h, rows.block)
-            qt, dot, lset, deltat = qb[idx_q], dob[idx_q], lseb[idx_q], deltab[idx_q]
-            q_pos = block_positions(rows.block, lay.bq)
+    q: Array  # (n, bq, D)
+    dout: Array  # (n, bq, Dv)
+    lse: Array  # (n, bq)
+    delta: Array  # (n, bq)
 
-            def body_for(num, idx, apply_mask):
-                def body(j, dq):
-                    blk = idx[:, j]
-                    t = _tile(rows, q_pos, block_positions(blk, lay.bkv))
-                    kt = kb[rows.b, rows.h // g, blk]
-                    vt = vb[rows.b, rows.h // g, blk]
-                    keep = _keep(problem, lay, t, j < num, apply_mask)
-                    _, ds, _ = probs_and_ds(
-                        t, qt, kt, vt, dot, lset, deltat, keep, False
-                    )
-                    return dq + jnp.einsum(
-                        "nqk,nkd->nqd",
-                        ds.astype(kt.dtype),
-                        kt,
-                        preferred_element_type=acc,
-                    )
 
-                return body
+def _q_side(x: _BackwardInputs, b: Array, h: Array, block: Array) -> _QSide:
+    idx = (b, h, block)
+    return _QSide(x.q[idx], x.dout[idx], x.lse[idx], x.delta[idx])
 
-            return (_sweep(rows, body_for, jnp.zeros(qt.shape, acc)),), extra
 
-        rows = _rows(problem, lay, "kv")
-        init = (jnp.zeros((rows.b.shape[0], lay.bq, q.shape[-1]), acc),)
-        (dq,), _ = _by_groups(rows, lay, dq_group, init)
-        dq = (dq * problem.scale).reshape(lay.b, lay.hq, -1, q.shape[-1])
-        dq = dq[:, :, : lay.lq].astype(q.dtype)
+def _tile_backward(problem, lay, t: _Tile, qs: _QSide, kt, vt, keep, want_mod_grad):
+    """One batch of tiles: `P`, the score gradient before the score mod (`dS` mapped
+    through the mod's VJP) and the tiles' score-mod parameter gradients (None unless
+    `want_mod_grad`)."""
+    s, vjp = _scores_vjp(problem, lay, t, qs.q, kt, want_mod_grad)
+    p = probabilities(s, qs.lse, keep)
+    dp = jnp.einsum(
+        "nqd,nkd->nqk", qs.dout, vt, preferred_element_type=problem.acc_dtype
+    )
+    ds = jnp.where(keep, score_gradient(p, dp, qs.delta), 0.0)
+    ds_raw, dmod = vjp(ds)
+    return p, ds_raw, dmod
 
+
+def _dq_step(problem, lay, x, rows, q_pos, qs, num, idx, apply_mask, j, dq):
+    """dq += dS K over the `j`-th key block of each row's list."""
+    g = problem.groups
+    blk = idx[:, j]
+    t = _tile(rows, q_pos, block_positions(blk, lay.bkv))
+    kt = x.k[rows.b, rows.h // g, blk]
+    vt = x.v[rows.b, rows.h // g, blk]
+    keep = _keep(problem, lay, t, j < num, apply_mask)
+    _, ds, _ = _tile_backward(problem, lay, t, qs, kt, vt, keep, False)
+    acc = problem.acc_dtype
+    return dq + jnp.einsum(
+        "nqk,nkd->nqd", ds.astype(kt.dtype), kt, preferred_element_type=acc
+    )
+
+
+def _dq_group(problem, lay, x, rows: _Rows, extra):
+    """dq (unscaled, accumulator dtype) of one group of query-block rows."""
+    qs = _q_side(x, rows.b, rows.h, rows.block)
+    q_pos = block_positions(rows.block, lay.bq)
+    step = ft.partial(_dq_step, problem, lay, x, rows, q_pos, qs)
+    return (_sweep(rows, step, jnp.zeros(qs.q.shape, problem.acc_dtype)),), extra
+
+
+def _dq_pass(problem: AttentionProblem, lay: _Layout, x: _BackwardInputs) -> Array:
+    """The dq pass: along each query block's key lists. Returns dq like q."""
+    q = problem.q
+    rows = _rows(problem, lay, "kv")
+    init = (jnp.zeros((rows.b.shape[0], lay.bq, q.shape[-1]), problem.acc_dtype),)
+    group = ft.partial(_dq_group, problem, lay, x)
+    (dq,), _ = _by_groups(rows, lay, group, init)
+    dq = (dq * problem.scale).reshape(lay.b, lay.hq, -1, q.shape[-1])
+    return dq[:, :, : lay.lq].astype(q.dtype)
+
+
+def _dkv_step(
+    problem, lay, x, rows, kv_pos, kt, vt, need_dmod, num, idx, apply_mask, j, carry
+):
+    """dk += dSᵀ Q, dv += Pᵀ dO and the score-mod gradients over the `j`-th query
+    block of each row's list."""
+    acc = problem.acc_dtype
+    dk, dv, dmod = carry
+    blk = idx[:, j]
+    t = _tile(rows, block_positions(blk, lay.bq), kv_pos)
+    qs = _q_side(x, rows.b, rows.h, blk)
+    keep = _keep(problem, lay, t, j < num, apply_mask)
+    p, ds, dmod_j = _tile_backward(problem, lay, t, qs, kt, vt, keep, need_dmod)
+    dv = dv + jnp.einsum(
+        "nqk,nqd->nkd", p.astype(qs.dout.dtype), qs.dout, preferred_element_type=acc
+    )
+    dk = dk + jnp.einsum(
+        "nqk,nqd->nkd", ds.astype(qs.q.dtype), qs.q, preferred_element_type=acc
+    )
+    if need_dmod:
+        dmod = add_mod_grads(dmod, dmod_j)
+    return dk, dv, dmod
+
+
+def _dkv_group(problem, lay, x, need_dmod, rows: _Rows, dmod):
+    """dk, dv (unscaled, per query head, accumulator dtype) of one group of key-block
+    rows; adds the group's score-mod gradients to the running `dmod`."""
+    acc = problem.acc_dtype
+    g = problem.groups
+    kt = x.k[rows.b, rows.h // g, rows.block]
+    vt = x.v[rows.b, rows.h // g, rows.block]
+    kv_pos = block_positions(rows.block, lay.bkv)
+    step = ft.partial(_dkv_step, problem, lay, x, rows, kv_pos, kt, vt, need_dmod)
+    init = (jnp.zeros(kt.shape, acc), jnp.zeros(vt.shape, acc), dmod)
+    dk, dv, dmod = _sweep(rows, step, init)
+    return (dk, dv), dmod
+
+
+def _dkv_pass(problem: AttentionProblem, lay: _Layout, x: _BackwardInputs, need_dmod):
+    """The dk/dv pass: along each key block's query lists (the transposed lists).
+    Returns dk, dv like k, v, and the score mod's parameter gradients (None unless
+    `need_dmod`), each in its parameter's dtype."""
+    acc = problem.acc_dtype
+    g = problem.groups
+    k, v = problem.k, problem.v
+    dmod0 = None
+    if need_dmod:
+        dmod0 = zero_mod_grads(problem.score_mod, acc)
+    rows = _rows(problem, lay, "q")
+    r = rows.b.shape[0]
+    init = (
+        jnp.zeros((r, lay.bkv, k.shape[-1]), acc),
+        jnp.zeros((r, lay.bkv, v.shape[-1]), acc),
+    )
+    group = ft.partial(_dkv_group, problem, lay, x, need_dmod)
+    (dk, dv), dmod = _by_groups(rows, lay, group, init, dmod0)
+    if need_dmod:
+        dmod = finish_mod_grads(dmod, problem.score_mod)
+
+    def finish(y, like):
+        # Sum over the query heads that share a key/value head.
+        y = y.reshape(lay.b, lay.hkv, g, -1, y.shape[-1]).sum(axis=2)
+        return y[:, :, : lay.lkv].astype(like.dtype)
+
+    return finish(dk * problem.scale, k), finish(dv, v), dmod
+
+
+def _backward(problem, out, lse, dout, dlse, need_dq, need_dkv, need_dmod):
+    """dq, dk, dv and the score mod's parameter gradients (None where not needed)."""
+    lay = _layout(problem)
+    x = _backward_inputs(problem, lay, out, lse, dout, dlse)
+    dq = _dq_pass(problem, lay, x) if need_dq else None
     dk = dv = dmod = None
     if need_dkv or need_dmod:
-
-        def dkv_group(rows: _Rows, dmod):
-            kt = kb[rows.b, rows.h // g, rows.block]
-            vt = vb[rows.b, rows.h // g, rows.block]
-            kv_pos = block_positions(rows.block, lay.bkv)
-
-            def body_for(num, idx, apply_mask):
-                def body(j, carry):
-                    dk, dv, dmod = carry
-                    blk = idx[:, j]
-                    t = _tile(rows, block_positions(blk, lay.bq), kv_pos)
-                    idx_q = (rows.b, rows.h, blk)
-                    qt, dot = qb[idx_q], dob[idx_q]
-                    keep = _keep(problem, lay, t, j < num, apply_mask)
-                    p, ds, dmod_j = probs_and_ds(
-                        t, qt, kt, vt, dot, lseb[idx_q], deltab[idx_q], keep, need_dmod
-                    )
-                    dv = dv + jnp.einsum(
-                        "nqk,nqd->nkd",
-                        p.astype(dot.dtype),
-                        dot,
-                        preferred_element_type=acc,
-                    )
-                    dk = dk + jnp.einsum(
-                        "nqk,nqd->nkd",
-                        ds.astype(qt.dtype),
-                        qt,
-                        preferred_element_type=acc,
-                    )
-                    if need_dmod:
-                        dmod = add_mod_grads(dmod, dmod_j)
-                    return dk, dv, dmod
-
-                return body
-
-            init = (jnp.zeros(kt.shape, acc), jnp.zeros(vt.shape, acc), dmod)
-            dk, dv, dmod = _sweep(rows, body_for, init)
-            return (dk, dv), dmod
-
-        dmod0 = None
-        if need_dmod:
-            dmod0 = zero_mod_grads(problem.score_mod, acc)
-        rows = _rows(problem, lay, "q")
-        r = rows.b.shape[0]
-        init = (
-            jnp.zeros((r, lay.bkv, k.shape[-1]), acc),
-            jnp.zeros((r, lay.bkv, v.shape[-1]), acc),
-        )
-        (dk, dv), dmod = _by_groups(rows, lay, dkv_group, init, dmod0)
-        if need_dmod:
-            dmod = finish_mod_grads(dmod, problem.score_mod)
-
-        def finish(x, like):
-            # Sum over the query heads that share a key/value head.
-            x = x.reshape(lay.b, lay.hkv, g, -1, x.shape[-1]).sum(axis=2)
-            return x[:, :, : lay.lkv].astype(like.dtype)
-
-        dk = finish(dk * problem.scale, k)
-        dv = finish(dv, v)
+        dk, dv, dmod = _dkv_pass(problem, lay, x, need_dmod)
     return dq, dk, dv, dmod
 
 

@@ -1,0 +1,158 @@
+"""Gradients of a score mod's parameters from a kernel's per-program partial sums.
+
+A kernel backend takes a score mod as hoisted tables (`_mods.KernelMod`): values
+looked up per (batch, head) ("scalar"), per query position ("q") or per key position
+("kv"). Its backward pass evaluates, on each tile, the VJP of the mod's scalar
+arithmetic with respect to the table values it loaded, and sums each over the tile's
+axes that the table does not have: a scalar table's entry over the whole tile, a "q"
+table's column over the key axis, a "kv" table's row over the query axis. Those sums
+are written out, in float32, one per program (no atomics), as *partials*.
+
+This module finishes the job outside the kernel, the same way for every kernel:
+
+1. [`reduce_table_grads`][]: sums the partials over the program axes, and over the
+    batch and head axes a table does not have, into one gradient per table entry;
+2. [`table_vjp`][]: maps the table gradients back to the mod's own array leaves
+    through the VJP of the (ordinary `jnp`) function that built the tables.
+
+No O(L²) array is involved: partials are O(B · H · (L + programs)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, PyTree
+
+from .._mods import KernelMod, OperandSpec, ScalarMod
+from ._base import finish_mod_grads, upcast_mod
+
+
+PARTIAL_DTYPE = jnp.float32
+
+
+def _tail(spec: OperandSpec) -> int:
+    """How many trailing position axes a table of this kind has (after B, H)."""
+    return 0 if spec.kind == "scalar" else 1
+
+
+def reduce_table_grads(
+    partials: Sequence[Array | None],
+    specs: Sequence[OperandSpec],
+    tables: Sequence[Array],
+) -> tuple[Array | None, ...]:
+    """Sums a kernel's per-program partial gradients into one gradient per table.
+
+    **Arguments:**
+
+    - `partials`: one entry per table. For a floating table, a float32 array of shape
+        `(B, H, *programs, *positions)`: `B` and `H` the problem's batch size and
+        number of query heads (every program works on one batch and one query head,
+        whatever the table's broadcasting), `programs` any number of axes indexing the
+        programs that each wrote a partial (say the key block of a dk/dv program:
+        `(B, H, n_kv_blocks)` for a scalar table), and `positions` the table's own
+        last axis for kinds "q" (`Lq_pad`) and "kv" (`Lkv_pad`), none for "scalar".
+        A program that wrote full rows needs no program axis: `(B, H, Lq_pad)`.
+        `None` for integer tables (document ids, ...), which get no gradient.
+    - `specs`: the tables' [`OperandSpec`][eqx_flexattn._mods.OperandSpec]s
+        (`KernelMod.specs`).
+    - `tables`: the tables themselves (`KernelMod.tables`), for their shapes.
+
+    **Returns:** a tuple with, per table, its gradient shaped like the table, in
+    float32 (`None` for integer tables).
+
+    **Raises:** `ValueError` when a partial's shape does not fit its table.
+
+    The sum is one `jnp.sum` in float32 over a fixed tuple of axes: the program
+    axes, and the batch (head) axis when the table has none (`spec.batch` /
+    `spec.head` False: the table broadcasts, so its entry collects every batch
+    (head)). On one device XLA compiles a reduction to a fixed summation tree and
+    uses no atomics, so the result is bitwise reproducible from run to run for the
+    same shapes (not necessarily equal to a left-to-right sum, nor across devices
+    or XLA versions).
+    """
+    if not len(partials) == len(specs) == len(tables):
+        raise ValueError(
+            f"{len(partials)} partials for {len(specs)} specs and {len(tables)} tables."
+        )
+    grads = []
+    for i, (part, spec, table) in enumerate(zip(partials, specs, tables)):
+        if not jnp.issubdtype(table.dtype, jnp.floating):
+            if part is not None:
+                raise ValueError(
+                    f"table {i} holds {table.dtype} values, which get no gradient; "
+                    "its partial must be None."
+                )
+            grads.append(None)
+            continue
+        tail = _tail(spec)
+        n_programs = part.ndim - 2 - tail
+        positions = part.shape[part.ndim - tail :]
+        if (
+            n_programs < 0
+            or positions != table.shape[2:]
+            or (spec.batch and part.shape[0] != table.shape[0])
+            or (spec.head and part.shape[1] != table.shape[1])
+        ):
+            raise ValueError(
+                f"partial {i} has shape {part.shape}, which does not fit a "
+                f"{spec.kind!r} table of shape {table.shape} (batch={spec.batch}, "
+                f"head={spec.head}): expected (B, H, *programs"
+                f"{', positions' if tail else ''})."
+            )
+        axes = tuple(range(2, 2 + n_programs))
+        axes += (0,) if not spec.batch else ()
+        axes += (1,) if not spec.head else ()
+        total = jnp.sum(part.astype(PARTIAL_DTYPE), axis=axes, keepdims=True)
+        grads.append(total.reshape(table.shape))
+    return tuple(grads)
+
+
+def table_vjp(
+    build: Callable[[ScalarMod], KernelMod],
+    mod: ScalarMod,
+    table_grads: Sequence[Array | None],
+) -> PyTree[Array | None]:
+    """The gradient of a score mod's array leaves, from its tables' gradients.
+
+    **Arguments:**
+
+    - `build`: how the kernel built its tables from the mod, e.g.
+        `lambda m: kernel_mod(m, B, H, Lq, Lkv, lq_pad=..., lkv_pad=...)`.
+    - `mod`: the closure-converted score mod (`AttentionProblem.score_mod`).
+    - `table_grads`: per table, its gradient (from [`reduce_table_grads`][]), `None`
+        for integer tables.
+
+    **Returns:** `eqx.filter(mod, eqx.is_inexact_array)`'s structure: each inexact
+    leaf's gradient in the leaf's dtype, `None` for every other leaf (integer arrays
+    such as document ids get no gradient) — the score-mod part of a backend's
+    `backward` result.
+
+    The tables are ordinary `jnp` functions of the mod's arrays (gathers such as
+    `slopes[h]` evaluated on index grids, then a cast to float32), so their VJP is
+    `jax.vjp` of `mod -> build(mod).tables`. It runs on the mod with its inexact
+    leaves widened to float32 (`upcast_mod`), so the scatter-adds of the gathers'
+    transposes (several table entries reading one leaf element: padded positions,
+    broadcast heads) sum in float32; each gradient is cast to its leaf's dtype once.
+    """
+    wide = upcast_mod(mod, PARTIAL_DTYPE)
+    tables, vjp = eqx.filter_vjp(lambda m: build(m).tables, wide)
+    if len(table_grads) != len(tables):
+        raise ValueError(
+            f"{len(table_grads)} table gradients for {len(tables)} tables."
+        )
+    cotangents = []
+    for i, (g, table) in enumerate(zip(table_grads, tables)):
+        if not jnp.issubdtype(table.dtype, jnp.floating):
+            cotangents.append(None)
+            continue
+        if g is None or g.shape != table.shape:
+            got = None if g is None else g.shape
+            raise ValueError(
+                f"table {i} has shape {table.shape}, but its gradient is {got}."
+            )
+        cotangents.append(g.astype(table.dtype))
+    (grads,) = vjp(tuple(cotangents))
+    return finish_mod_grads(grads, mod)
