@@ -22,6 +22,7 @@ from .._mods import INDEX_DTYPE, KernelMod, kernel_mod
 from . import _mosaic_bwd, _mosaic_fwd
 from ._base import AbstractBackend, AttentionProblem, grads_like
 from ._config import AbstractConfig, check_bool
+from ._reduce import reduce_table_grads, table_vjp
 from ._tiles import LOG2_E
 from .xla import XlaBackend
 
@@ -233,7 +234,7 @@ class MosaicBackend(AbstractBackend):
                 shape, qp, kp, vp, dop, lse2, delta, counts, blocks, score, mask,
                 need_mod,
             )
-            dq = dq[:, :, :lq, :d]
+            dq = dq[:, :, :lq, :d] if perturbed.q else None
             if need_mod:
                 dmod = _table_vjp(problem, score, row_grads, lq_pad, lkv_pad)
         dk = dv_ = None
@@ -260,31 +261,15 @@ class MosaicBackend(AbstractBackend):
 
 
 def _table_vjp(problem, score: KernelMod, row_grads: dict, lq_pad: int, lkv_pad: int):
-    """Gradients of the score mod's arrays from the dQ kernel's per-row partials of its
-    tables' gradients: the partials are summed (float32, fixed order) over the axes
-    each table lacks, then pulled back through the table construction."""
+    """Gradients of the score mod's arrays from the dQ kernel's per-query-row partials
+    of its tables' gradients (a "scalar" table's rows are its program axis): reduced
+    in float32 in a fixed order, then pulled back through the table construction."""
     b, hq, lq, _ = problem.q.shape
     lkv = problem.k.shape[2]
-    floats = sorted(row_grads)
-    cotangents = []
-    for i in floats:
-        spec = score.specs[i]
-        g = row_grads[i]
-        if spec.kind == "scalar":
-            g = jnp.sum(g, axis=-1)
-        if not spec.batch:
-            g = jnp.sum(g, axis=0, keepdims=True)
-        if not spec.head:
-            g = jnp.sum(g, axis=1, keepdims=True)
-        cotangents.append(g)
-
-    def tables(mod):
-        km = kernel_mod(mod, b, hq, lq, lkv, lq_pad=lq_pad, lkv_pad=lkv_pad)
-        return tuple(km.tables[i] for i in floats)
-
-    _, vjp = eqx.filter_vjp(tables, problem.score_mod)
-    (dmod,) = vjp(tuple(cotangents))
-    return dmod
+    partials = [row_grads.get(i) for i in range(len(score.specs))]
+    grads = reduce_table_grads(partials, score.specs, score.tables)
+    build = lambda m: kernel_mod(m, b, hq, lq, lkv, lq_pad=lq_pad, lkv_pad=lkv_pad)
+    return table_vjp(build, problem.score_mod, grads)
 
 
 def _work_lists(problem: AttentionProblem, hkv: int, kv_ragged: bool):
