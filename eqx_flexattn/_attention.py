@@ -485,10 +485,25 @@ def explain_backend(
     backend: str = "auto",
     kernel_options: dict[str, Any] | None = None,
 ) -> str:
-    """Which backend `flex_attention` would run with these arguments, and why.
+    """Which backend `flex_attention` would run with these arguments, and why; and
+    what every other registered backend would do with them.
 
     Takes the arguments of [`flex_attention`][eqx_flexattn.flex_attention]; `query`,
     `key` and `value` may be `jax.ShapeDtypeStruct`s. Computes nothing.
+
+    **Returns:** lines of text: `backend: NAME` (the one that runs), then
+    `declined: NAME: reason` for each faster backend `auto` tried first, then
+    `other: NAME: ...` for every remaining registered backend: whether it accepts
+    these inputs (and how to select it) or why it declines.
+
+    !!! Example
+
+        ```python
+        print(fa.explain_backend(q, k, v, block_mask=bm))
+        # backend: xla
+        # declined: mosaic: it needs an NVIDIA GPU of compute capability 9.0 ...
+        # other: reference: accepts these inputs; not tried by auto (...)
+        ```
     """
     found = []
 
@@ -496,9 +511,32 @@ def explain_backend(
         problem = _problem(
             q, k, v, score_mod, block_mask, scale, enable_gqa, kernel_options
         )
-        found.append(select_backend(backend, problem))
+        impl, reasons = select_backend(backend, problem)
+        found.append((impl, reasons, _others(problem, impl, reasons)))
 
     jax.eval_shape(choose, query, key, value)
-    impl, reasons = found[0]
+    impl, reasons, others = found[0]
     lines = [f"backend: {impl.name}"] + [f"declined: {r}" for r in reasons]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"other: {o}" for o in others])
+
+
+def _others(problem, chosen, reasons) -> list[str]:
+    """What each registered backend not yet reported would do with `problem`."""
+    from ._backends import AUTO_ORDER
+
+    declined = {r.split(":", 1)[0] for r in reasons}
+    lines = []
+    for name, candidate in BACKENDS.items():
+        if name == chosen.name or name in declined:
+            continue
+        try:
+            candidate.check(problem)
+        except (NotImplementedError, ValueError) as e:
+            lines.append(f"{name}: declines: {e}")
+            continue
+        if name in AUTO_ORDER:
+            how = f"`auto` tries it after {chosen.name!r}"
+        else:
+            how = "not tried by `auto`"
+        lines.append(f"{name}: accepts these inputs; {how} (backend={name!r})")
+    return lines

@@ -133,7 +133,8 @@ def test_compiled_call_does_not_warn(qkv, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         eqx.filter_jit(fa.flex_attention)(*qkv, enable_gqa=True)
-        jax.eval_shape(lambda q: fa.flex_attention(q, *qkv[1:], enable_gqa=True), qkv[0])
+        f = lambda q: fa.flex_attention(q, *qkv[1:], enable_gqa=True)
+        jax.eval_shape(f, qkv[0])
     assert not _attention._warned_eager
 
 
@@ -243,3 +244,116 @@ def test_return_aux_errors(qkv):
         )
     with pytest.raises(TypeError, match="AuxRequest"):
         fa.flex_attention(*qkv, enable_gqa=True, return_aux={"lse": True})
+
+
+# PyTorch's spellings ----------------------------------------------------------------
+
+
+def test_create_block_mask_pytorch_arguments(monkeypatch):
+    from eqx_flexattn import _block_mask
+
+    monkeypatch.setattr(_block_mask, "_noted_device", False)
+    want = fa.create_block_mask(masks.causal_mask, None, None, L, L, block_size=4)
+    with pytest.warns(UserWarning, match="ignores `device='cuda'`.*jax.device_put"):
+        got = fa.create_block_mask(
+            masks.causal_mask, None, None, L, L, "cuda", BLOCK_SIZE=4, _compile=True
+        )
+    assert eqx.tree_equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # noted once per process
+        got = fa.create_block_mask(
+            masks.causal_mask, None, None, L, L, device="cpu", BLOCK_SIZE=(4, 4)
+        )
+        dense = fa.create_mask(masks.causal_mask, None, None, L, L, device="cuda")
+    assert eqx.tree_equal(got, want)
+    np.testing.assert_array_equal(dense, fa.create_mask(masks.causal_mask, 1, 1, L, L))
+    assert fa.create_block_mask(masks.causal_mask, None, None, 300, 300).BLOCK_SIZE == (
+        128,
+        128,
+    )
+    with pytest.raises(TypeError, match="not both"):
+        fa.create_block_mask(
+            masks.causal_mask, None, None, L, L, block_size=4, BLOCK_SIZE=4
+        )
+    with pytest.raises(ValueError, match="`BLOCK_SIZE` must be positive"):
+        fa.create_block_mask(masks.causal_mask, None, None, L, L, BLOCK_SIZE=0)
+
+
+def test_block_mask_pytorch_methods(causal):
+    bm = causal
+    assert bm.BLOCK_SIZE == bm.block_size == (4, 4)
+    assert bm.numel() == 1 * 1 * L * L
+    assert eqx.tree_equal(bm._adjust(8, 10), bm.adjust(8, 10))
+    assert bm.to_string() == repr(bm)
+    flat = bm.as_tuple()
+    assert flat[:2] == (L, L) and flat[-3:-1] == (4, 4) and flat[-1] is bm.mask_mod
+    names = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")
+    names += ("q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+    for x, name in zip(flat[2:-3], names, strict=True):
+        assert x is getattr(bm, name)
+    nested = bm.as_tuple(flatten=False)
+    assert nested[0] == (L, L) and nested[-2] == (4, 4) and len(nested) == 11
+    (num, idx), (full_num, full_idx) = bm.block_lists()
+    rebuilt = fa.BlockMask.from_kv_blocks(
+        num,
+        idx,
+        full_num,
+        full_idx,
+        BLOCK_SIZE=4,
+        mask_mod=masks.causal_mask,
+        compute_q_blocks=False,
+    )
+    assert eqx.tree_equal(rebuilt, bm)
+
+
+# Papercuts --------------------------------------------------------------------------
+
+
+def test_score_mod_parameters_are_strongly_typed():
+    optax = pytest.importorskip("optax")
+    params = [
+        score_mods.Alibi([0.5, 0.25]),
+        score_mods.Alibi(jnp.broadcast_to(0.5, (2,))),
+        score_mods.generate_alibi_bias(2),
+        score_mods.HeadBias(jnp.asarray(0.0)),
+        score_mods.HeadBias(jnp.array([1, 2])),
+        score_mods.RelativePositionBias(2, 4, table=jnp.broadcast_to(0.0, (2, 7))),
+    ]
+    for mod in params:
+        leaf = jax.tree_util.tree_leaves(mod)[0]
+        assert not leaf.weak_type and jnp.issubdtype(leaf.dtype, jnp.floating), mod
+    assert score_mods.Alibi(jnp.ones(2, jnp.float64)).slopes.dtype == jnp.float64
+
+    q, k, v = random_qkv(jax.random.key(5), 1, 2, 2, 8, 8, 4, dtype=jnp.float32)
+    mod = score_mods.compose(
+        score_mods.Alibi([0.5, 0.25]), score_mods.HeadBias(jnp.asarray(0.0))
+    )
+    optim = optax.adam(1e-2)
+    state = optim.init(eqx.filter(mod, eqx.is_inexact_array))
+    traces = []
+
+    @eqx.filter_jit
+    def step(mod, state):
+        traces.append(None)
+        loss = lambda m: jnp.sum(fa.flex_attention(q, k, v, m) ** 2)
+        updates, state = optim.update(jax.grad(loss)(mod), state)
+        return eqx.apply_updates(mod, updates), state
+
+    for _ in range(3):
+        mod, state = step(mod, state)
+    assert len(traces) == 1  # no recompilation after the first update
+
+
+def test_explain_backend_lists_every_backend(qkv):
+    from eqx_flexattn._backends import BACKENDS
+
+    text = fa.explain_backend(*qkv, enable_gqa=True)
+    lines = text.splitlines()
+    assert lines[0].startswith("backend: ")
+    named = [line.split(": ")[1] for line in lines[1:]]
+    assert sorted(named + [lines[0].split(": ")[1]]) == sorted(BACKENDS)
+    assert all(line.startswith(("declined: ", "other: ")) for line in lines[1:])
+    text = fa.explain_backend(*qkv, enable_gqa=True, backend="reference")
+    assert text.splitlines()[0] == "backend: reference"
+    lines = text.splitlines()
+    assert any(line.startswith("other: xla: accepts these inputs") for line in lines)
