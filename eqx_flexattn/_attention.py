@@ -174,9 +174,9 @@ _warned_eager = False
 
 
 def _internal_dirs() -> tuple[str, ...]:
-    """Where the frames the eager warning skips live: this package, and the
-    wrappers of runtime type checking."""
-    names = (__package__, "jaxtyping", "beartype")
+    """Where the frames the eager warning skips live: this package, JAX's and
+    Equinox's transformations, and the wrappers of runtime type checking."""
+    names = (__package__, "jax", "equinox", "jaxtyping", "beartype")
     modules = [sys.modules.get(n) for n in names]
     return tuple(
         os.path.dirname(m.__file__) + os.sep
