@@ -493,7 +493,7 @@ def element_mask(bm, dense):
 at_block_size = eqx.filter_jit(lambda bm, size: bm.at_block_size(*size))
 
 
-@settings(max_examples=examples(full=25, default=8))
+@settings(max_examples=examples(full=25, default=5))
 @given(case=mask_cases(), fine=fine_sizes, factor=factors)
 def test_at_block_size_against_create_block_mask(case, fine, factor):
     """Coarsening is create_block_mask at the coarse size; refining is valid."""
@@ -528,7 +528,7 @@ def test_at_block_size_against_create_block_mask(case, fine, factor):
     assert_same_block_mask(at_block_size(refined, coarse), coarse_bm)
 
 
-@settings(max_examples=examples(full=15, default=5))
+@settings(max_examples=examples(full=15, default=3))
 @given(
     case=mask_cases(),
     old=fine_sizes,
