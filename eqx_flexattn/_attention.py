@@ -17,7 +17,8 @@ import numpy as np
 from jaxtyping import Array, Float
 
 from ._aux import AuxOutput, AuxRequest, max_scores
-from ._backends import AbstractBackend, AttentionProblem, BACKENDS, select_backend
+from . import _backends
+from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
 from ._backends._config import normalise_options
 from ._block_mask import BlockMask, full_block_mask
@@ -456,7 +457,7 @@ def _forward_mode(problem, impl, backend, error):
     """Forward-mode autodiff (`jax.jvp`) reached the `custom_vjp`, which JAX cannot
     differentiate forwards: differentiate the `xla` backend's forward pass itself
     (its loops are `lax` loops, fine in forward mode), or say what works."""
-    xla = BACKENDS.get("xla")
+    xla = _backends.BACKENDS.get("xla")
     if backend in ("auto", "xla") and xla is not None:
         try:
             xla.check(problem)
@@ -522,11 +523,9 @@ def explain_backend(
 
 def _others(problem, chosen, reasons) -> list[str]:
     """What each registered backend not yet reported would do with `problem`."""
-    from ._backends import AUTO_ORDER
-
     declined = {r.split(":", 1)[0] for r in reasons}
     lines = []
-    for name, candidate in BACKENDS.items():
+    for name, candidate in _backends.BACKENDS.items():
         if name == chosen.name or name in declined:
             continue
         try:
@@ -534,7 +533,7 @@ def _others(problem, chosen, reasons) -> list[str]:
         except (NotImplementedError, ValueError) as e:
             lines.append(f"{name}: declines: {e}")
             continue
-        if name in AUTO_ORDER:
+        if name in _backends.AUTO_ORDER:
             how = f"`auto` tries it after {chosen.name!r}"
         else:
             how = "not tried by `auto`"

@@ -176,10 +176,16 @@ def test_forward_mode_matches_reference(jit, qkv, causal):
 
 
 def test_forward_mode_error_names_what_works(qkv, monkeypatch):
-    monkeypatch.setattr(_attention, "BACKENDS", {})  # no xla to fall back to
-    with pytest.raises(TypeError, match="backend='reference'"):
+    from eqx_flexattn import _backends
+
+    class Kernel(_backends.XlaBackend):  # a backend with only a reverse-mode rule
+        name = "kernel"
+
+    monkeypatch.setitem(_backends.BACKENDS, "kernel", Kernel())
+    f = lambda q: fa.flex_attention(q, *qkv[1:], enable_gqa=True, backend="kernel")
+    with pytest.raises(TypeError, match="backend='kernel'.*backend='reference'"):
         jax.jvp(
-            lambda q: fa.flex_attention(q, *qkv[1:], enable_gqa=True, backend="xla"),
+            f,
             (qkv[0],),
             (qkv[0],),
         )
