@@ -18,6 +18,8 @@ else:
 with _hook:
     from . import masks as masks, nn as nn, score_mods as score_mods
     from ._attention import (
+        AuxOutput as AuxOutput,
+        AuxRequest as AuxRequest,
         explain_backend as explain_backend,
         flex_attention as flex_attention,
     )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
+from ._aux import AuxOutput, AuxRequest, max_scores
+from . import _backends
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
 from ._backends._config import normalise_options
@@ -97,16 +102,110 @@ def _check_block_mask(bm: Any, b: int, hq: int, lq: int, lkv: int) -> None:
         )
 
 
-def _check_scale(scale: Any, d: int) -> float:
+def _check_scale(scale: Any, d: int) -> tuple[float, Array | None]:
+    """`(static_scale, array_scale)`: a Python number is static (part of the
+    compiled program); a JAX scalar (a learnable temperature, or a value traced by
+    `jax.jit`) is data, returned as `array_scale` with `static_scale` 1."""
     if scale is None:
-        return 1.0 / math.sqrt(d)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        return 1.0 / math.sqrt(d), None
+    if isinstance(scale, bool):
+        raise TypeError("`scale` must be a number, a scalar array or None, got bool.")
+    if isinstance(scale, numbers.Real):
+        return float(scale), None
+    if isinstance(scale, jax.Array | np.ndarray | np.generic):
+        if jnp.shape(scale) != ():
+            raise ValueError(
+                f"`scale` must be a scalar, got an array of shape {jnp.shape(scale)}."
+            )
+        dtype = jnp.result_type(scale)
+        if not (
+            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+        ):
+            raise TypeError(f"`scale` must be real, got dtype {dtype}.")
+        if not isinstance(scale, jax.Array):  # numpy: a constant
+            return float(scale), None
+        return 1.0, scale
+    raise TypeError(
+        "`scale` must be a Python number, a scalar array or None, got "
+        f"{type(scale).__name__}."
+    )
+
+
+# How to compile flex_attention, said wherever a user gets it wrong.
+COMPILE_HINT = (
+    "Compile it with `eqx.filter_jit(fa.flex_attention)` (arrays traced, everything "
+    "else static), or `jax.jit(fa.flex_attention, static_argnames=('score_mod', "
+    "'return_lse', 'enable_gqa', 'backend'))` (drop 'score_mod' when it is an "
+    "eqx.Module, which jit takes as data; a `kernel_options` dict can't be static: "
+    "pass it inside your own function), or call flex_attention inside a function "
+    "you jit."
+)
+
+
+def _is_traced(tree: Any) -> bool:
+    return any(
+        isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree)
+    )
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    """A static bool argument: a traced value means `jax.jit` traced it."""
+    if _is_traced(value):
         raise TypeError(
-            f"`scale` must be a Python number or None, got {type(scale).__name__}."
+            f"flex_attention: `{name}` is a traced value, but it decides what is "
+            "computed and must be a Python bool. A bare `jax.jit(fa.flex_attention)` "
+            f"traces every argument it is given. {COMPILE_HINT}"
         )
-    return float(scale)
+    if isinstance(value, bool | np.bool_):
+        return bool(value)
+    raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}.")
 
 
+def _check_static_options(kernel_options: Any) -> None:
+    if _is_traced(kernel_options):
+        raise TypeError(
+            "flex_attention: `kernel_options` holds traced values, but options are "
+            "static (they choose the compiled program). A bare "
+            f"`jax.jit(fa.flex_attention)` traces every argument it is given. "
+            f"{COMPILE_HINT}"
+        )
+
+
+_warned_eager = False
+
+
+def _internal_dirs() -> tuple[str, ...]:
+    """Where the frames the eager warning skips live: this package, JAX's and
+    Equinox's transformations, and the wrappers of runtime type checking."""
+    names = (__package__, "jax", "equinox", "jaxtyping", "beartype")
+    modules = [sys.modules.get(n) for n in names]
+    return tuple(
+        os.path.dirname(m.__file__) + os.sep
+        for m in modules
+        if getattr(m, "__file__", None)
+    )
+
+
+def _warn_if_eager() -> None:
+    """Warns once per process when flex_attention runs outside any trace."""
+    global _warned_eager
+    if _warned_eager:
+        return
+    if isinstance(jnp.zeros(()), jax.core.Tracer):  # inside jit, eval_shape, ...
+        return
+    _warned_eager = True
+    internal = _internal_dirs()
+    stacklevel = 1  # the first frame outside this package and type-check wrappers
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(
+        "flex_attention ran eagerly (outside jax.jit): JAX then runs its blockwise "
+        "loops op by op, typically 10x slower or more than compiled. "
+        f"{COMPILE_HINT} (This warning is shown once per process.)",
+        UserWarning,
+        stacklevel=stacklevel + 1,
+    )
 
 
 @eqx.filter_custom_vjp
@@ -134,6 +233,23 @@ try:  # JAX's reverse mode linearizes with these tracers (not forward mode's)
     from jax._src.interpreters.ad import LinearizeTracer as _LinearizeTracer
 except ImportError:  # pragma: no cover - other JAX versions: JAX's own error
     _LinearizeTracer = None
+
+try:  # forward mode (`jax.jvp`) traces with these; reverse mode does not
+    from jax._src.interpreters.ad import JVPTracer as _JVPTracer
+    from jax._src.interpreters.partial_eval import JaxprTracer as _JaxprTracer
+except ImportError:  # pragma: no cover - other JAX versions: caught when raised
+    _JVPTracer = None
+
+
+def _in_forward_mode(problem: AttentionProblem) -> bool:
+    """Whether forward-mode autodiff traces this call: a JVP tracer whose tangent is
+    not being partially evaluated (that is reverse mode's older linearization)."""
+    if _JVPTracer is None:
+        return False
+    return any(
+        isinstance(x, _JVPTracer) and not isinstance(x.tangent, _JaxprTracer)
+        for x in jax.tree_util.tree_leaves(problem)
+    )
 
 
 def _check_not_reverse_differentiated(residuals, grads, problem, backend) -> None:
@@ -177,6 +293,11 @@ def _problem(
     if score_mod is not None:
         check_mod_shape(score_mod, b, hq, lq, lkv)
     acc = accumulator_dtype(q.dtype)
+    static_scale, array_scale = _check_scale(scale, d)
+    if array_scale is not None:  # data: scale q (exact for the scores, and its
+        # gradient comes from JAX's autodiff of this product)
+        q = (q.astype(acc) * array_scale.astype(acc)).astype(q.dtype)
+    _check_static_options(kernel_options)
     return AttentionProblem(
         q=q,
         k=k,
@@ -184,7 +305,7 @@ def _problem(
         score_mod=None if score_mod is None else convert_score_mod(score_mod, acc),
         mask_mod=convert_mask_mod(block_mask.mask_mod),
         block_mask=block_mask,
-        scale=_check_scale(scale, d),
+        scale=static_scale,
         kernel_options=normalise_options(kernel_options),
     )
 
@@ -196,14 +317,16 @@ def flex_attention(
     score_mod: Callable | None = None,
     block_mask: BlockMask | None = None,
     *,
-    scale: float | int | None = None,
+    scale: float | int | Array | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
     backend: str = "auto",
     kernel_options: dict[str, Any] | None = None,
+    return_aux: AuxRequest | None = None,
 ) -> (
     Float[Array, "b hq lq dv"]
     | tuple[Float[Array, "b hq lq dv"], Float[Array, "b hq lq"]]
+    | tuple[Float[Array, "b hq lq dv"], AuxOutput]
 ):
     """Attention with a user-defined score mod and a block-sparse mask.
 
@@ -223,7 +346,9 @@ def flex_attention(
     - `block_mask`: a [`BlockMask`][eqx_flexattn.BlockMask] from
         [`create_block_mask`][eqx_flexattn.create_block_mask] built for
         `(Lq, Lkv)`; `None` attends everywhere.
-    - `scale`: multiplies `q k^T` before `score_mod`; default `1 / sqrt(D)`.
+    - `scale`: multiplies `q k^T` before `score_mod`; default `1 / sqrt(D)`. A
+        Python number is static; a JAX scalar is data (a learnable temperature: it
+        receives a gradient, and new values never recompile).
     - `enable_gqa`: allow `Hq` to be a multiple of `Hkv` (query head `h` reads key
         head `h // (Hq // Hkv)`).
     - `return_lse`: also return the log-sum-exp of the scores (natural log).
@@ -236,14 +361,31 @@ def flex_attention(
         `num_warps`, `num_stages` go to backends with that option, and any that a
         backend ignores is noted once (a `UserWarning`). Any other key raises
         `ValueError`.
+    - `return_aux`: PyTorch's (>= 2.9) form, `AuxRequest(lse=True, max_scores=True)`:
+        then returns `(out, AuxOutput(lse, max_scores))`, fields `None` unless
+        requested. `max_scores` is each row's largest score after `score_mod` and
+        masking (`-inf` for a fully masked row), computed by an extra pass a query
+        block at a time, and not differentiated. Don't combine with `return_lse`.
 
     **Returns:** the output `(B, Hq, Lq, Dv)` in the dtype of `query`; with
     `return_lse=True`, also `lse (B, Hq, Lq)` in float32 (float64 for float64
     inputs). Fully masked rows give output 0 and lse `-inf`.
 
-    Call it inside `jax.jit` (or `eqx.filter_jit`); outside, JAX runs it op by op.
-    It is differentiable in reverse mode (`jax.grad`); the kernel backends define a
-    `custom_vjp`, so forward mode (`jax.jvp`) needs `backend="reference"`.
+    **Compiling.** Call it inside `jax.jit`, or compile it directly with
+    `eqx.filter_jit(fa.flex_attention)` (the counterpart of
+    `torch.compile(flex_attention)`). A bare `jax.jit(fa.flex_attention)` cannot work:
+    it traces every argument, and `return_lse`, `enable_gqa`, `backend`, a
+    plain-function `score_mod` and `kernel_options` must stay Python values; use
+    `jax.jit(fa.flex_attention, static_argnames=("score_mod", "return_lse",
+    "enable_gqa", "backend"))` if you prefer `jax.jit`. Run outside any trace, JAX
+    executes it op by op (often 10x slower or more): a `UserWarning` says so once
+    per process.
+
+    **Differentiation.** Reverse mode (`jax.grad`, `jax.vjp`) runs the backend's
+    fused backward pass. Forward mode (`jax.jvp`, `jax.jacfwd`) differentiates the
+    `xla` backend's blockwise forward pass (`backend="auto"` or `"xla"`; O(L)
+    memory), or the dense `backend="reference"`; the Pallas kernel backends have no
+    forward-mode rule.
     Second derivatives: forward-over-reverse (`jax.hessian`) works everywhere;
     reverse-over-reverse (`jax.grad` of `jax.grad`) only outside `jit`, or with
     `backend="reference"`.
@@ -258,15 +400,78 @@ def flex_attention(
         out = fa.flex_attention(q, k, v, score_mod=alibi, block_mask=bm)
         ```
     """
+    enable_gqa = _check_flag("enable_gqa", enable_gqa)
+    return_lse = _check_flag("return_lse", return_lse)
+    aux = _check_aux(return_aux, return_lse)
+    _warn_if_eager()
     problem = _problem(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
     impl, _ = select_backend(backend, problem)
     if impl.differentiable:
         out, lse = impl.forward(problem)
+    elif _in_forward_mode(problem):
+        out, lse = _forward_mode(problem, impl, backend, None)
     else:
-        out, lse = _fused(problem, impl)
+        try:
+            out, lse = _fused(problem, impl)
+        except TypeError as e:
+            if "forward-mode autodiff" not in str(e):
+                raise
+            out, lse = _forward_mode(problem, impl, backend, e)
+    if aux is not None:
+        return out, AuxOutput(
+            lse=lse if aux.lse else None,
+            max_scores=max_scores(problem) if aux.max_scores else None,
+        )
     return (out, lse) if return_lse else out
+
+
+_AUX_FIELDS = AuxRequest._fields
+
+
+def _check_aux(return_aux: Any, return_lse: bool) -> AuxRequest | None:
+    if return_aux is None:
+        return None
+    if _is_traced(return_aux):
+        raise TypeError(
+            "flex_attention: `return_aux` holds traced values, but must hold Python "
+            f"bools. {COMPILE_HINT}"
+        )
+    if not isinstance(return_aux, AuxRequest):
+        raise TypeError(
+            "`return_aux` must be an `AuxRequest(lse=..., max_scores=...)` (from "
+            f"eqx_flexattn), got {type(return_aux).__name__}."
+        )
+    if return_lse:
+        raise ValueError(
+            "Pass either `return_lse=True` or `return_aux=AuxRequest(lse=True)`, not "
+            "both."
+        )
+    return AuxRequest(
+        *(_check_flag(f"return_aux.{n}", getattr(return_aux, n)) for n in _AUX_FIELDS)
+    )
+
+
+def _forward_mode(problem, impl, backend, error):
+    """Forward-mode autodiff (`jax.jvp`) reached the `custom_vjp`, which JAX cannot
+    differentiate forwards: differentiate the `xla` backend's forward pass itself
+    (its loops are `lax` loops, fine in forward mode), or say what works."""
+    xla = _backends.BACKENDS.get("xla")
+    if backend in ("auto", "xla") and xla is not None:
+        try:
+            xla.check(problem)
+        except NotImplementedError:
+            pass
+        else:
+            return xla.forward(problem)
+    raise TypeError(
+        f"flex_attention: forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) "
+        f"is not available with backend={backend!r}: its kernel defines only a "
+        "reverse-mode rule (`custom_vjp`). Use backend='xla' (blockwise, O(L) "
+        "memory) or backend='reference' (dense) for forward mode, or reverse mode "
+        "(`jax.grad`, `jax.vjp`)."
+    ) from error
 
 
 def explain_backend(
@@ -281,10 +486,25 @@ def explain_backend(
     backend: str = "auto",
     kernel_options: dict[str, Any] | None = None,
 ) -> str:
-    """Which backend `flex_attention` would run with these arguments, and why.
+    """Which backend `flex_attention` would run with these arguments, and why; and
+    what every other registered backend would do with them.
 
     Takes the arguments of [`flex_attention`][eqx_flexattn.flex_attention]; `query`,
     `key` and `value` may be `jax.ShapeDtypeStruct`s. Computes nothing.
+
+    **Returns:** lines of text: `backend: NAME` (the one that runs), then
+    `declined: NAME: reason` for each faster backend `auto` tried first, then
+    `other: NAME: ...` for every remaining registered backend: whether it accepts
+    these inputs (and how to select it) or why it declines.
+
+    !!! Example
+
+        ```python
+        print(fa.explain_backend(q, k, v, block_mask=bm))
+        # backend: xla
+        # declined: mosaic: it needs an NVIDIA GPU of compute capability 9.0 ...
+        # other: reference: accepts these inputs; not tried by auto (...)
+        ```
     """
     found = []
 
@@ -292,9 +512,30 @@ def explain_backend(
         problem = _problem(
             q, k, v, score_mod, block_mask, scale, enable_gqa, kernel_options
         )
-        found.append(select_backend(backend, problem))
+        impl, reasons = select_backend(backend, problem)
+        found.append((impl, reasons, _others(problem, impl, reasons)))
 
     jax.eval_shape(choose, query, key, value)
-    impl, reasons = found[0]
+    impl, reasons, others = found[0]
     lines = [f"backend: {impl.name}"] + [f"declined: {r}" for r in reasons]
-    return "\n".join(lines)
+    return "\n".join(lines + [f"other: {o}" for o in others])
+
+
+def _others(problem, chosen, reasons) -> list[str]:
+    """What each registered backend not yet reported would do with `problem`."""
+    declined = {r.split(":", 1)[0] for r in reasons}
+    lines = []
+    for name, candidate in _backends.BACKENDS.items():
+        if name == chosen.name or name in declined:
+            continue
+        try:
+            candidate.check(problem)
+        except (NotImplementedError, ValueError) as e:
+            lines.append(f"{name}: declines: {e}")
+            continue
+        if name in _backends.AUTO_ORDER:
+            how = f"`auto` tries it after {chosen.name!r}"
+        else:
+            how = "not tried by `auto`"
+        lines.append(f"{name}: accepts these inputs; {how} (backend={name!r})")
+    return lines

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -124,6 +125,37 @@ def _pair(x: int | tuple[int, int], name: str) -> tuple[int, int]:
     if min(x) <= 0:
         raise ValueError(f"`{name}` must be positive, got {x}.")
     return x
+
+
+def _block_size_arg(block_size: Any, BLOCK_SIZE: Any) -> tuple[int, int]:
+    """`block_size`, or PyTorch's spelling `BLOCK_SIZE`; 128 when neither is given."""
+    if block_size is not None and BLOCK_SIZE is not None:
+        raise TypeError(
+            "Pass `block_size` or PyTorch's spelling `BLOCK_SIZE`, not both."
+        )
+    given = BLOCK_SIZE if block_size is None else block_size
+    name = "BLOCK_SIZE" if block_size is None and BLOCK_SIZE is not None else (
+        "block_size"
+    )
+    return _pair(DEFAULT_BLOCK_SIZE if given is None else given, name)
+
+
+_noted_device = False
+
+
+def _note_device(device: Any) -> None:
+    """PyTorch's `device=` argument: ignored, with a note once per process."""
+    global _noted_device
+    if device is None or _noted_device:
+        return
+    _noted_device = True
+    warnings.warn(
+        f"eqx_flexattn ignores `device={device!r}` (a PyTorch argument): JAX places "
+        "arrays on the default device. Use `jax.device_put` or "
+        "`with jax.default_device(...)` to choose one. (Noted once per process.)",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _check_length(name: str, n: Any) -> int:
@@ -276,6 +308,30 @@ class BlockMask(eqx.Module):
         return (b, h, *self.seq_lengths)
 
     @property
+    def BLOCK_SIZE(self) -> tuple[int, int]:
+        """PyTorch's name for `block_size`: `(block_q, block_kv)`."""
+        return self.block_size
+
+    def numel(self) -> int:
+        """The number of elements of the mask, `B * H * Lq * Lkv` (as PyTorch's
+        `BlockMask.numel`, not accounting for sparsity)."""
+        return math.prod(self.shape)
+
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """PyTorch's `BlockMask.as_tuple`: `(Lq, Lkv, kv_num_blocks, kv_indices,
+        full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices,
+        full_q_num_blocks, full_q_indices, block_q, block_kv, mask_mod)`; with
+        `flatten=False` the lengths and block sizes stay pairs."""
+        lengths = self.seq_lengths if flatten else (self.seq_lengths,)
+        sizes = self.block_size if flatten else (self.block_size,)
+        arrays = tuple(getattr(self, n) for n in _INDEX_FIELDS)
+        return (*lengths, *arrays, *sizes, self.mask_mod)
+
+    def _adjust(self, new_q_len: int, new_kv_len: int) -> BlockMask:
+        """PyTorch's name for [`adjust`][eqx_flexattn.BlockMask.adjust]."""
+        return self.adjust(new_q_len, new_kv_len)
+
+    @property
     def num_blocks(self) -> tuple[int, int]:
         """`(Mq, Nkv)`: the number of query and key blocks."""
         return self.kv_indices.shape[-2], self.kv_indices.shape[-1]
@@ -288,9 +344,11 @@ class BlockMask(eqx.Module):
         full_kv_num_blocks: Int[Array, "b h mq"] | None = None,
         full_kv_indices: Int[Array, "b h mq nkv"] | None = None,
         *,
-        block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+        block_size: int | tuple[int, int] | None = None,
         mask_mod: Callable | None = None,
         seq_lengths: tuple[int, int] | None = None,
+        BLOCK_SIZE: int | tuple[int, int] | None = None,
+        compute_q_blocks: bool = True,
     ) -> BlockMask:
         """Builds a `BlockMask` from its forward (kv) block lists alone.
 
@@ -298,9 +356,15 @@ class BlockMask(eqx.Module):
         partial is full. The transposed `q_*` lists are derived. `seq_lengths`
         defaults to the number of blocks times the block size. Entries past
         `kv_num_blocks` are ignored; listed indices outside `[0, Nkv)` are an error
-        (checked when the arrays are computed, with `eqx.error_if`).
+        (checked when the arrays are computed, with `eqx.error_if`). `block_size`
+        defaults to 128.
+
+        PyTorch's spellings are accepted: `BLOCK_SIZE` for `block_size`, and
+        `compute_q_blocks` (the `q_*` lists are always computed: every backend's
+        backward pass reads them).
         """
-        block_size = _pair(block_size, "block_size")
+        del compute_q_blocks
+        block_size = _block_size_arg(block_size, BLOCK_SIZE)
         kv_num_blocks = jnp.asarray(kv_num_blocks)
         kv_indices = jnp.asarray(kv_indices)
         if kv_num_blocks.ndim != 3 or kv_indices.ndim != 4:
@@ -504,22 +568,46 @@ class BlockMask(eqx.Module):
         )
 
     def __repr__(self) -> str:
+        return self.to_string()
+
+    def to_string(
+        self, grid_size: int | tuple[int, int] | None = (16, 16), limit: int = 4
+    ) -> str:
+        """The block pattern drawn as text: `██` full, `░░` partial, blank skipped.
+
+        **Arguments:**
+
+        - `grid_size`: the most rows and columns of cells drawn, `(rows, cols)` or an
+            int for both; a larger pattern is downsampled (a cell shows the densest
+            block it covers). `None` (or -1, PyTorch's spelling) draws every block.
+            The default keeps `print(block_mask)` short at any length.
+        - `limit`: the most `(batch, head)` pairs drawn.
+        """
         head = (
             f"BlockMask(shape={self.shape}, block_size={self.block_size}, "
             f"mask_mod={_mod_name(self.mask_mod)}"
         )
         if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(self)):
             return head + ")"  # traced: nothing to draw
+        if grid_size is None or grid_size == -1:
+            grid = None
+        else:
+            grid = _pair(grid_size, "grid_size")
         partial, full = map(np.asarray, self.block_states())
         dense = partial | full
         lines = [head + f", sparsity={100 * (1 - dense.mean()):.2f}%)"]
-        b, h = dense.shape[:2]
-        shown = [(i, j) for i in range(b) for j in range(h)][:4]
+        b, h, mq, nkv = dense.shape
+        shown = [(i, j) for i in range(b) for j in range(h)][:limit]
         for i, j in shown:
             lines.append(f"({i}, {j})")
-            lines.extend(_draw(partial[i, j], full[i, j]))
+            lines.extend(_draw(partial[i, j], full[i, j], grid))
         if len(shown) < b * h:
             lines.append(f"... ({b * h - len(shown)} more (batch, head) pairs)")
+        if grid is not None and (mq > grid[0] or nkv > grid[1]):
+            lines.append(
+                f"({mq} x {nkv} blocks drawn as at most {grid[0]} x {grid[1]} cells; "
+                "`block_mask.to_string(grid_size=None)` draws every block)"
+            )
         return "\n".join(lines)
 
     __str__ = __repr__
@@ -560,18 +648,20 @@ def _resize_axis(partial, full, axis: int, old: int, new: int, length: int):
     return tuple(jnp.moveaxis(x, -1, axis) for x in (partial, full))
 
 
-_MAX_DRAWN = 32
-
-
-def _draw(partial: np.ndarray, full: np.ndarray) -> list[str]:
+def _draw(
+    partial: np.ndarray, full: np.ndarray, grid: tuple[int, int] | None
+) -> list[str]:
     """Draws a block pattern: '██' full, '░░' partial, '  ' skipped.
 
-    Patterns larger than 32x32 blocks are downsampled; a cell shows the densest
-    block it covers.
+    Patterns larger than `grid` (rows, cols) are downsampled; a cell shows the
+    densest block it covers.
     """
     state = np.where(full, 2, np.where(partial, 1, 0))
     rows, cols = state.shape
-    fr, fc = math.ceil(rows / _MAX_DRAWN), math.ceil(cols / _MAX_DRAWN)
+    if grid is not None:
+        fr, fc = math.ceil(rows / grid[0]), math.ceil(cols / grid[1])
+    else:
+        fr = fc = 1
     if fr > 1 or fc > 1:
         pad = np.zeros((math.ceil(rows / fr) * fr, math.ceil(cols / fc) * fc), int)
         pad[:rows, :cols] = state
@@ -586,11 +676,14 @@ def create_mask(
     H: int | None,
     Q_LEN: int,
     KV_LEN: int,
+    device: Any = None,
 ) -> Bool[Array, "b h q_len kv_len"]:
     """Evaluates `mask_mod` densely: a bool array of shape `(B, H, Q_LEN, KV_LEN)`.
 
     `B` or `H` of `None` means 1 (broadcast). Memory is O(Q_LEN * KV_LEN): for long
-    sequences build a [`BlockMask`][eqx_flexattn.BlockMask] instead.
+    sequences build a [`BlockMask`][eqx_flexattn.BlockMask] instead. `device` is
+    accepted for PyTorch compatibility and ignored: JAX places arrays (on the default
+    device; use `jax.device_put` or `jax.default_device` to choose).
 
     !!! Example
 
@@ -598,6 +691,7 @@ def create_mask(
         dense = create_mask(causal_mask, None, None, 4, 4)   # lower triangle
         ```
     """
+    _note_device(device)
     b, h = _check_batch("B", B), _check_batch("H", H)
     lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
     check_mod_shape(mask_mod, b, h, lq, lkv)
@@ -610,8 +704,11 @@ def create_block_mask(
     H: int | None,
     Q_LEN: int,
     KV_LEN: int,
+    device: Any = None,
     *,
-    block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE,
+    block_size: int | tuple[int, int] | None = None,
+    BLOCK_SIZE: int | tuple[int, int] | None = None,
+    _compile: bool = False,
 ) -> BlockMask:
     """Builds the [`BlockMask`][eqx_flexattn.BlockMask] of `mask_mod`.
 
@@ -622,7 +719,12 @@ def create_block_mask(
     - `B`, `H`: batch size and number of query heads; `None` means 1 (broadcast over
         every batch element or head).
     - `Q_LEN`, `KV_LEN`: sequence lengths; need not be multiples of the block size.
-    - `block_size`: an int, or `(block_q, block_kv)`.
+    - `device`: ignored (PyTorch's argument): JAX places arrays, on the default
+        device; choose with `jax.device_put` or `jax.default_device`.
+    - `block_size`: an int, or `(block_q, block_kv)`; default 128. PyTorch's
+        spelling `BLOCK_SIZE` is accepted too.
+    - `_compile`: ignored (PyTorch's argument): call `create_block_mask` inside
+        `jax.jit` (or wrap it in `eqx.filter_jit`) to compile it.
 
     **Returns:** a `BlockMask` for inputs of shape `(B, H, Q_LEN, ·)` and
     `(B, ·, KV_LEN, ·)`.
@@ -638,9 +740,11 @@ def create_block_mask(
         out = flex_attention(q, k, v, block_mask=bm)
         ```
     """
+    del _compile
+    _note_device(device)
     b, h = _check_batch("B", B), _check_batch("H", H)
     lq, lkv = _check_length("Q_LEN", Q_LEN), _check_length("KV_LEN", KV_LEN)
-    bq, bkv = _pair(block_size, "block_size")
+    bq, bkv = _block_size_arg(block_size, BLOCK_SIZE)
     check_mod_shape(mask_mod, b, h, lq, lkv)
     partial, full = _block_states(convert_mask_mod(mask_mod), b, h, lq, lkv, bq, bkv)
     return BlockMask._from_dense(partial, full, (bq, bkv), (lq, lkv), mask_mod)

@@ -133,6 +133,18 @@ def _checked(mod: Callable, args: tuple, what: str, signature: str) -> None:
         raise TypeError(f"`{what}` must be callable, got {type(mod).__name__}.")
     try:
         out = eqx.filter_eval_shape(mod, *args)
+    except (  # `if q_idx > kv_idx:`, `range(q_idx)`, ...
+        jax.errors.ConcretizationTypeError,
+        jax.errors.TracerIntegerConversionError,
+    ) as e:
+        raise TypeError(
+            f"{what} `{_name(mod)}` uses the value of an index or score in Python "
+            "control flow (`if`, `and`/`or`, `bool()`, `int()`, a Python loop bound). "
+            "Mods are traced once for whole blocks of indices, so write it with "
+            "array operations instead: `jnp.where(q_idx >= kv_idx, score, -jnp.inf)` "
+            "for an `if`, `&` / `|` for `and` / `or`, `jnp.minimum` / `jnp.maximum` "
+            f"for `min` / `max`. (JAX: {type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from e
     except TypeError as e:
         raise TypeError(
             f"{what} `{_name(mod)}` could not be called as `{signature}`: {e}"

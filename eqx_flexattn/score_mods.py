@@ -40,10 +40,21 @@ __all__ = [
 ]
 
 
-class Alibi(eqx.Module):
-    """ALiBi: `score + slopes[h] * (kv_idx - q_idx)`, with learnable `slopes (H,)`."""
+def _parameter(x) -> Array:
+    """A learnable array in a concrete float dtype: float32 unless already floating,
+    and never weakly typed. (A weak-typed parameter becomes strong after its first
+    optimiser update, so a jitted training step would compile twice.)"""
+    x = jnp.asarray(x)
+    dtype = x.dtype if jnp.issubdtype(x.dtype, jnp.floating) else jnp.float32
+    return jax.lax.convert_element_type(x, dtype)  # strips the weak type
 
-    slopes: Float[Array, " heads"]
+
+class Alibi(eqx.Module):
+    """ALiBi: `score + slopes[h] * (kv_idx - q_idx)`, with learnable `slopes (H,)`.
+
+    `slopes` are stored in a concrete float dtype (float32 unless given floating)."""
+
+    slopes: Float[Array, " heads"] = eqx.field(converter=_parameter)
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         return score + self.slopes[h] * (kv_idx - q_idx)
@@ -86,6 +97,7 @@ def _bias_table(shape, table, key, dtype) -> Array:
         if key is None:
             return jnp.zeros(shape, dtype)
         return 0.02 * jax.random.normal(key, shape, dtype)
+    table = _parameter(table)
     if table.shape != shape:
         raise ValueError(f"`table` must have shape {shape}, got {table.shape}.")
     return table
@@ -192,9 +204,10 @@ class T5RelativeBias(eqx.Module):
 
 
 class HeadBias(eqx.Module):
-    """A learnable per-head (shape `(H,)`) or global (shape `()`) additive bias."""
+    """A learnable per-head (shape `(H,)`) or global (shape `()`) additive bias, in a
+    concrete float dtype (float32 unless given floating)."""
 
-    bias: Float[Array, "*heads"]
+    bias: Float[Array, "*heads"] = eqx.field(converter=_parameter)
 
     def __call__(self, score, b, h, q_idx, kv_idx):
         return score + (self.bias[h] if self.bias.ndim else self.bias)

@@ -1,5 +1,41 @@
+import os
+
 import jax
 import pytest
+from hypothesis import settings
+
+
+# Test profiles. `default` (what `pytest` runs) covers every behaviour with small
+# hypothesis budgets and a cut-down benchmark run: a few minutes on two cores. `full`
+# (CI: `.ci/run`, or `pytest --full`, or EQX_FLEXATTN_TEST_PROFILE=full) runs the
+# larger budgets. Tests read the profile through `helpers.full_profile()` and
+# `helpers.examples(full=..., default=...)`.
+PROFILE_VARIABLE = "EQX_FLEXATTN_TEST_PROFILE"
+settings.register_profile("default", deadline=None, print_blob=True)
+settings.register_profile("full", deadline=None, print_blob=True)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help=f"the full test profile, as CI runs it (same as {PROFILE_VARIABLE}=full)",
+    )
+
+
+def pytest_configure(config):
+    if config.getoption("--full"):
+        os.environ[PROFILE_VARIABLE] = "full"
+    profile = os.environ.setdefault(PROFILE_VARIABLE, "default")
+    if profile not in ("default", "full"):
+        raise pytest.UsageError(
+            f"{PROFILE_VARIABLE}={profile!r}: choose 'default' or 'full'."
+        )
+    settings.load_profile(profile)
+
+
+def pytest_report_header(config):
+    return f"eqx_flexattn test profile: {os.environ[PROFILE_VARIABLE]}"
 
 
 # Tests compare against float64 oracles. float32 matmuls at full precision: on GPUs

@@ -1,10 +1,21 @@
 """Independent oracles and input generators for the tests."""
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def full_profile() -> bool:
+    """Whether the `full` test profile runs (CI; see conftest.py)."""
+    return os.environ.get("EQX_FLEXATTN_TEST_PROFILE", "default") == "full"
+
+
+def examples(*, full: int, default: int) -> int:
+    """A hypothesis budget: `full` examples in the full profile, else `default`."""
+    return full if full_profile() else default
 
 
 def random_qkv(key, b, hq, hkv, lq, lkv, d, dv=None, dtype=jnp.float64):

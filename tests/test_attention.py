@@ -169,10 +169,18 @@ def test_auto_falls_back_and_explains(getkey, monkeypatch):
     monkeypatch.setattr(_backends, "AUTO_ORDER", ("declining", "xla"))
     q, k, v = random_qkv(getkey(), 1, 1, 1, 8, 8, 4)
     text = fa.explain_backend(q, k, v)
-    assert text.splitlines() == [
+    lines = text.splitlines()
+    assert lines[:2] == [
         "backend: xla",
         "declined: declining: head dim 4 is too small",
     ]
+    # Then every other registered backend, with what it would do.
+    others = {line.split(": ")[1]: line for line in lines[2:]}
+    assert set(others) == set(_backends.BACKENDS) - {"xla", "declining"}
+    assert others["reference"] == (
+        "other: reference: accepts these inputs; not tried by `auto` "
+        "(backend='reference')"
+    )
     shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v)]
     assert fa.explain_backend(*shapes) == text
     with pytest.raises(ValueError, match="Unknown backend 'tpu'"):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import numpy_attention, random_qkv
+from helpers import examples, numpy_attention, random_qkv
 from hypothesis import given, settings, strategies as st
 
 import eqx_flexattn as fa
@@ -183,8 +183,19 @@ def test_sparsity_getitem_repr():
 
 def test_repr_downsamples_large_masks():
     bm = fa.create_block_mask(masks.causal_mask, None, None, 8192, 8192, block_size=64)
-    rows = repr(bm).splitlines()[2:]
-    assert len(rows) == 32 and max(map(len, rows)) == 64
+    lines = repr(bm).splitlines()
+    rows = lines[2:-1]
+    assert len(rows) == 16 and max(map(len, rows)) == 32  # 16 x 16 cells
+    assert "128 x 128 blocks" in lines[-1]
+    assert "to_string(grid_size=None)" in lines[-1]
+    assert str(bm) == repr(bm) == bm.to_string()
+    every = bm.to_string(grid_size=None).splitlines()[2:]
+    assert len(every) == 128 and max(map(len, every)) == 256
+    assert bm.to_string(grid_size=-1) == bm.to_string(grid_size=None)
+    assert len(bm.to_string(grid_size=(8, 4)).splitlines()[2:-1]) == 8
+    # A mask that fits is drawn whole, without the note.
+    small = fa.create_block_mask(masks.causal_mask, None, None, 2048, 2048)
+    assert len(repr(small).splitlines()) == 2 + 16
 
 
 def test_repr_under_jit_does_not_fail():
@@ -482,7 +493,7 @@ def element_mask(bm, dense):
 at_block_size = eqx.filter_jit(lambda bm, size: bm.at_block_size(*size))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(full=25, default=5))
 @given(case=mask_cases(), fine=fine_sizes, factor=factors)
 def test_at_block_size_against_create_block_mask(case, fine, factor):
     """Coarsening is create_block_mask at the coarse size; refining is valid."""
@@ -517,7 +528,7 @@ def test_at_block_size_against_create_block_mask(case, fine, factor):
     assert_same_block_mask(at_block_size(refined, coarse), coarse_bm)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(full=15, default=3))
 @given(
     case=mask_cases(),
     old=fine_sizes,

@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from helpers import numpy_attention, random_qkv
+from helpers import examples, numpy_attention, random_qkv
 from hypothesis import given, settings, strategies as st
 
 import eqx_flexattn as fa
@@ -92,7 +92,7 @@ def _setup(p):
     return q, k, v, bm, score_mod, np_mask, np_score
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(full=20, default=5))
 @given(problems)
 def test_xla_forward_matches_numpy(p):
     q, k, v, bm, score_mod, np_mask, np_score = _setup(p)
@@ -105,7 +105,7 @@ def test_xla_forward_matches_numpy(p):
     np.testing.assert_allclose(lse, want_lse, atol=1e-10, rtol=1e-10)
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=examples(full=8, default=3))
 @given(problems)
 def test_xla_gradients_match_reference(p):
     q, k, v, bm, score_mod, _, _ = _setup(p)
