@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import jax
 
-from benchmarks import mods, spec
-from benchmarks.timing import TimingSettings, measure
-
 import eqx_flexattn as fa
+from benchmarks import mods, spec
+from benchmarks.timing import measure, TimingSettings
 
 
 VARIANTS = {
-    "seed": [{}, {"num_stages": 3}, {"block_kv": 64}, {"block_kv": 256},
-             {"block_kv": 64, "num_stages": 4}],
+    "seed": [
+        {},
+        {"num_stages": 3},
+        {"block_kv": 64},
+        {"block_kv": 256},
+        {"block_kv": 64, "num_stages": 4},
+    ],
     "L8k": [{}, {"block_kv": 64}, {"block_kv": 64, "num_stages": 3}],
 }
 CASES = ("none", "causal", "softcap+causal", "document")
@@ -45,19 +49,33 @@ def main() -> None:
             for opts in variants:
                 f = jax.jit(
                     lambda q, k, v, p, opts=opts: fa.flex_attention(
-                        q, k, v, p[0], p[1], backend="mosaic",
+                        q,
+                        k,
+                        v,
+                        p[0],
+                        p[1],
+                        backend="mosaic",
                         kernel_options={"mosaic": opts},
                     )
                 )
                 try:
-                    t = measure(lambda: f(q, k, v, (score_mod, bm)),
-                                jax.block_until_ready, settings)
-                    print(f"{cname:5s} {case_name:15s} {str(opts):38s} "
-                          f"{t.median_ms:8.3f} ms {flop / t.median_ms / 1e9:6.0f} TFLOP/s",
-                          flush=True)
+                    t = measure(
+                        lambda: f(q, k, v, (score_mod, bm)),
+                        jax.block_until_ready,
+                        settings,
+                    )
+                    print(
+                        f"{cname:5s} {case_name:15s} {str(opts):38s} "
+                        f"{t.median_ms:8.3f} ms "
+                        f"{flop / t.median_ms / 1e9:6.0f} TFLOP/s",
+                        flush=True,
+                    )
                 except Exception as e:  # noqa: BLE001
-                    print(f"{cname:5s} {case_name:15s} {str(opts):38s} FAIL "
-                          f"{type(e).__name__}: {str(e)[:200]}", flush=True)
+                    print(
+                        f"{cname:5s} {case_name:15s} {str(opts):38s} FAIL "
+                        f"{type(e).__name__}: {str(e)[:200]}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

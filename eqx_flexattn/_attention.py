@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._aux import AuxOutput, AuxRequest, max_scores
 from . import _backends
+from ._aux import AuxOutput, AuxRequest, max_scores
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
 from ._backends._config import normalise_options
@@ -143,9 +143,7 @@ COMPILE_HINT = (
 
 
 def _is_traced(tree: Any) -> bool:
-    return any(
-        isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree)
-    )
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _check_flag(name: str, value: Any) -> bool:

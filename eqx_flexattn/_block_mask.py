@@ -134,8 +134,10 @@ def _block_size_arg(block_size: Any, BLOCK_SIZE: Any) -> tuple[int, int]:
             "Pass `block_size` or PyTorch's spelling `BLOCK_SIZE`, not both."
         )
     given = BLOCK_SIZE if block_size is None else block_size
-    name = "BLOCK_SIZE" if block_size is None and BLOCK_SIZE is not None else (
-        "block_size"
+    name = (
+        "BLOCK_SIZE"
+        if block_size is None and BLOCK_SIZE is not None
+        else ("block_size")
     )
     return _pair(DEFAULT_BLOCK_SIZE if given is None else given, name)
 
@@ -750,7 +752,6 @@ def create_block_mask(
     return BlockMask._from_dense(partial, full, (bq, bkv), (lq, lkv), mask_mod)
 
 
-
 def full_block_mask(
     Q_LEN: int, KV_LEN: int, block_size: int | tuple[int, int] = DEFAULT_BLOCK_SIZE
 ) -> BlockMask:
@@ -762,6 +763,7 @@ def full_block_mask(
     return BlockMask._from_dense(
         jnp.zeros(shape, bool), jnp.ones(shape, bool), (bq, bkv), (lq, lkv), noop_mask
     )
+
 
 def _block_states(mod, b: int, h: int, lq: int, lkv: int, bq: int, bkv: int):
     """(partial, full) bool arrays (b, h, Mq, Nkv) of a mask mod.

@@ -450,7 +450,8 @@ def _split(mod: ScalarMod) -> _Split:
     for v in _all_vars(apply.jaxpr):
         if jnp.dtype(v.aval.dtype).itemsize > 4:
             raise NotImplementedError(
-                f"{what} computes in {v.aval.dtype} (64-bit arrays under jax_enable_x64); "
+                f"{what} computes in {v.aval.dtype} (64-bit arrays under "
+                "jax_enable_x64); "
                 "kernels compute in 32 bits."
             )
     for s in specs:
@@ -460,7 +461,9 @@ def _split(mod: ScalarMod) -> _Split:
             )
     arg_in = apply.jaxpr.invars[len(args) - 4 : len(args)]
     read_vars = {
-        v for e in apply.jaxpr.eqns for v in e.invars
+        v
+        for e in apply.jaxpr.eqns
+        for v in e.invars
         if not isinstance(v, jax.extend.core.Literal)
     } | {v for v in apply.jaxpr.outvars if not isinstance(v, jax.extend.core.Literal)}
     uses = frozenset(n for n, v in zip(_INDEX_NAMES, arg_in) if v in read_vars)
@@ -499,9 +502,7 @@ class KernelMod(eqx.Module):
         (`values[i]` loaded from `tables[i]`, stored dtype): elementwise."""
         n = len(args_and_values) - len(self.specs)
         args, values = args_and_values[:n], args_and_values[n:]
-        values = [
-            jnp.asarray(x).astype(s.dtype) for x, s in zip(values, self.specs)
-        ]
+        values = [jnp.asarray(x).astype(s.dtype) for x, s in zip(values, self.specs)]
         return jnp.vectorize(self._fn)(*args, *values)
 
     def apply_tile(self, *args_and_values):

@@ -65,10 +65,10 @@ def _interpret_kernel_backends(request, monkeypatch):
     name = callspec.params.get("backend") if callspec else None
     if not isinstance(name, str):
         return
+    from helpers import interpret_options
+
     from eqx_flexattn import _attention
     from eqx_flexattn._backends import BACKENDS
-
-    from helpers import interpret_options
 
     extra = interpret_options(name) if name in BACKENDS else {}
     if not extra:

@@ -190,9 +190,9 @@ def test_low_precision_parameter_gradients_accumulate_in_float32(getkey):
     bm = fa.create_block_mask(masks.causal_mask, None, None, L, L, block_size=16)
     table = 0.02 * jax.random.normal(getkey(), (1, 127), jnp.float32)
     mod = score_mods.RelativePositionBias(1, 64, table=table.astype(jnp.bfloat16))
-    grad = lambda name, mod, *qkv: jax.jit(
-        jax.grad(lambda m: loss_fn(name, bm)(*qkv, m))
-    )(mod).table
+    grad = lambda name, mod, *qkv: (
+        jax.jit(jax.grad(lambda m: loss_fn(name, bm)(*qkv, m)))(mod).table
+    )
     got = grad("xla", mod, q, k, v)
     want = grad("reference", to_f64(mod), *map(to_f64, (q, k, v)))
     assert got.dtype == jnp.bfloat16

@@ -101,4 +101,3 @@ def test_kernel_backend_declines_without_interpret(getkey):
     q, k, v = random_qkv(getkey(), 1, 1, 1, 64, 64, 64, dtype=jnp.float32)
     with pytest.raises(NotImplementedError, match="needs an NVIDIA GPU"):
         fa.flex_attention(q, k, v, backend="mosaic_probe")
-

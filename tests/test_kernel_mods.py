@@ -45,8 +45,9 @@ SCORES = {
         score_mods.Alibi(jnp.linspace(0.1, 0.9, H, dtype=jnp.float32)),
         score_mods.SoftCap(5.0),
     ),
-    "closure_per_query": lambda s, b, h, q, kv: s
-    + BIAS[h] * jnp.sin(q.astype(jnp.float32)),
+    "closure_per_query": lambda s, b, h, q, kv: (
+        s + BIAS[h] * jnp.sin(q.astype(jnp.float32))
+    ),
     "bf16_table": lambda s, b, h, q, kv: s + BIAS.astype(jnp.bfloat16)[h],
     # Reductions of arrays are hoisted too: they depend on no index.
     "reduced_table": lambda s, b, h, q, kv: s + jnp.sum(BIAS) * (q - kv),
@@ -120,7 +121,12 @@ def test_declines_with_a_reason(mod, match):
     with pytest.raises(NotImplementedError, match=match):
         kernel_mod(
             convert_score_mod(mod, jnp.float32),
-            B, H, LQ, LKV, lq_pad=PAD_Q, lkv_pad=PAD_KV,
+            B,
+            H,
+            LQ,
+            LKV,
+            lq_pad=PAD_Q,
+            lkv_pad=PAD_KV,
         )
 
 
@@ -129,5 +135,10 @@ def test_declines_64_bit_arithmetic():
     with pytest.raises(NotImplementedError, match="64-bit|float64"):
         kernel_mod(
             convert_score_mod(lambda s, b, h, q, kv: s + table[h], jnp.float32),
-            B, H, LQ, LKV, lq_pad=PAD_Q, lkv_pad=PAD_KV,
+            B,
+            H,
+            LQ,
+            LKV,
+            lq_pad=PAD_Q,
+            lkv_pad=PAD_KV,
         )

@@ -224,7 +224,9 @@ def test_document_ids_checked_against_shape(getkey):
     # flex_attention checks the block mask's mod against the query's B.
     q = jax.random.normal(getkey(), (3, 1, 8, 4))
     bm = fa.BlockMask.from_kv_blocks(
-        jnp.full((1, 1, 2), 2), jnp.array([[[[0, 1], [0, 1]]]]), block_size=4,
+        jnp.full((1, 1, 2), 2),
+        jnp.array([[[[0, 1], [0, 1]]]]),
+        block_size=4,
         mask_mod=batched,
     )
     with pytest.raises(ValueError, match=r"`q_document_ids`.*B=3"):

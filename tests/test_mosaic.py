@@ -34,14 +34,27 @@ def _compare(q, k, v, score_mod, block_mask, tol):
     rounded inputs): output, lse, fully masked rows."""
     gqa = q.shape[1] != k.shape[1]
     out, lse = fa.flex_attention(
-        q, k, v, score_mod, block_mask, enable_gqa=gqa, return_lse=True,
-        backend="mosaic", kernel_options=INTERPRET,
+        q,
+        k,
+        v,
+        score_mod,
+        block_mask,
+        enable_gqa=gqa,
+        return_lse=True,
+        backend="mosaic",
+        kernel_options=INTERPRET,
     )
     assert out.dtype == q.dtype and lse.dtype == jnp.float32
     f32 = lambda x: x.astype(jnp.float32)
     want, want_lse = fa.flex_attention(
-        f32(q), f32(k), f32(v), score_mod, block_mask, enable_gqa=gqa,
-        return_lse=True, backend="reference",
+        f32(q),
+        f32(k),
+        f32(v),
+        score_mod,
+        block_mask,
+        enable_gqa=gqa,
+        return_lse=True,
+        backend="reference",
     )
     out, want = np.asarray(f32(out)), np.asarray(want)
     lse, want_lse = np.asarray(lse), np.asarray(want_lse)
@@ -60,20 +73,78 @@ IDS_Q = (jnp.arange(256) * 5 // 256).astype(jnp.int32)
 
 # (name, B, Hq, Hkv, Lq, Lkv, D, Dv, dtype, mask_mod, score_mod, mask B/H)
 CASES = [
-    ("causal_alibi_gqa_ragged", 2, 4, 2, 200, 136, 64, 64, jnp.bfloat16,
-     masks.causal_mask, score_mods.Alibi(jnp.linspace(0.1, 0.9, 4, dtype=jnp.float32)),
-     (None, None)),
-    ("document_per_batch_softcap", 2, 2, 2, 256, 200, 64, 64, jnp.bfloat16,
-     masks.document_mask(jnp.stack([IDS_Q, IDS_Q[::-1]]), jnp.stack([IDS, IDS[::-1]])),
-     score_mods.SoftCap(5.0), (2, None)),
-    ("masked_rows_checkerboard_head_mask", 1, 2, 2, 130, 200, 128, 64, jnp.float16,
-     lambda b, h, q, kv: (q % 3 != 1) & (kv <= q + 70 * h), score_mods.checkerboard,
-     (None, 2)),
-    ("no_mask_long_kv", 1, 2, 1, 100, 300, 32, 96, jnp.float16, None, None,
-     (None, None)),
-    ("sliding_window_closure", 1, 1, 1, 64, 320, 64, 64, jnp.bfloat16,
-     masks.sliding_window(40),
-     lambda s, b, h, q, kv: s + 0.01 * q.astype(jnp.float32), (None, None)),
+    (
+        "causal_alibi_gqa_ragged",
+        2,
+        4,
+        2,
+        200,
+        136,
+        64,
+        64,
+        jnp.bfloat16,
+        masks.causal_mask,
+        score_mods.Alibi(jnp.linspace(0.1, 0.9, 4, dtype=jnp.float32)),
+        (None, None),
+    ),
+    (
+        "document_per_batch_softcap",
+        2,
+        2,
+        2,
+        256,
+        200,
+        64,
+        64,
+        jnp.bfloat16,
+        masks.document_mask(
+            jnp.stack([IDS_Q, IDS_Q[::-1]]), jnp.stack([IDS, IDS[::-1]])
+        ),
+        score_mods.SoftCap(5.0),
+        (2, None),
+    ),
+    (
+        "masked_rows_checkerboard_head_mask",
+        1,
+        2,
+        2,
+        130,
+        200,
+        128,
+        64,
+        jnp.float16,
+        lambda b, h, q, kv: (q % 3 != 1) & (kv <= q + 70 * h),
+        score_mods.checkerboard,
+        (None, 2),
+    ),
+    (
+        "no_mask_long_kv",
+        1,
+        2,
+        1,
+        100,
+        300,
+        32,
+        96,
+        jnp.float16,
+        None,
+        None,
+        (None, None),
+    ),
+    (
+        "sliding_window_closure",
+        1,
+        1,
+        1,
+        64,
+        320,
+        64,
+        64,
+        jnp.bfloat16,
+        masks.sliding_window(40),
+        lambda s, b, h, q, kv: s + 0.01 * q.astype(jnp.float32),
+        (None, None),
+    ),
 ]
 
 
@@ -91,22 +162,66 @@ def test_forward_matches_reference(case, getkey):
 def test_mask_at_another_block_size(getkey):
     """A BlockMask built at 64 is converted to the kernel's tiles."""
     q, k, v = _inputs(getkey(), 1, 2, 2, 192, 192, 64, 64, jnp.bfloat16)
-    bm = fa.create_block_mask(masks.sliding_window(50), None, None, 192, 192,
-                              block_size=64)
+    bm = fa.create_block_mask(
+        masks.sliding_window(50), None, None, 192, 192, block_size=64
+    )
     _compare(q, k, v, None, bm, 2e-2)
 
 
 GRAD_CASES = [
     # (name, B, Hq, Hkv, Lq, Lkv, D, dtype, mask_mod, score_mod, learnable)
-    ("alibi_learnable_gqa_ragged", 1, 4, 2, 200, 136, 64, jnp.bfloat16,
-     masks.causal_mask, score_mods.Alibi(jnp.linspace(0.1, 0.9, 4, dtype=jnp.float32)),
-     True),
-    ("head_bias_learnable_no_mask", 2, 2, 2, 128, 128, 64, jnp.float16, None,
-     score_mods.HeadBias(jnp.array([0.3, -0.2], jnp.float32)), True),
-    ("softcap_masked_rows", 1, 2, 2, 130, 200, 64, jnp.bfloat16,
-     lambda b, h, q, kv: (q % 3 != 1) & (kv <= q + 70), score_mods.SoftCap(5.0), False),
-    ("head_dim_192_falls_back_to_xla", 1, 2, 2, 128, 128, 192, jnp.bfloat16,
-     masks.causal_mask, None, False),
+    (
+        "alibi_learnable_gqa_ragged",
+        1,
+        4,
+        2,
+        200,
+        136,
+        64,
+        jnp.bfloat16,
+        masks.causal_mask,
+        score_mods.Alibi(jnp.linspace(0.1, 0.9, 4, dtype=jnp.float32)),
+        True,
+    ),
+    (
+        "head_bias_learnable_no_mask",
+        2,
+        2,
+        2,
+        128,
+        128,
+        64,
+        jnp.float16,
+        None,
+        score_mods.HeadBias(jnp.array([0.3, -0.2], jnp.float32)),
+        True,
+    ),
+    (
+        "softcap_masked_rows",
+        1,
+        2,
+        2,
+        130,
+        200,
+        64,
+        jnp.bfloat16,
+        lambda b, h, q, kv: (q % 3 != 1) & (kv <= q + 70),
+        score_mods.SoftCap(5.0),
+        False,
+    ),
+    (
+        "head_dim_192_falls_back_to_xla",
+        1,
+        2,
+        2,
+        128,
+        128,
+        192,
+        jnp.bfloat16,
+        masks.causal_mask,
+        None,
+        False,
+    ),
 ]
 
 
@@ -117,15 +232,28 @@ def test_gradients_match_reference(case, getkey):
     _, b, hq, hkv, lq, lkv, d, dtype, mask_mod, score_mod, learnable = case
     q, k, v = _inputs(getkey(), b, hq, hkv, lq, lkv, d, d, dtype)
     w = jax.random.normal(getkey(), (b, hq, lq, d), jnp.float32)
-    bm = None if mask_mod is None else fa.create_block_mask(mask_mod, None, None, lq, lkv)
+    bm = (
+        None
+        if mask_mod is None
+        else fa.create_block_mask(mask_mod, None, None, lq, lkv)
+    )
 
     def loss(backend, opts):
         def f(q, k, v, mod):
-            out, lse = fa.flex_attention(q, k, v, mod, bm, enable_gqa=hq != hkv,
-                                         return_lse=True, backend=backend,
-                                         kernel_options=opts)
+            out, lse = fa.flex_attention(
+                q,
+                k,
+                v,
+                mod,
+                bm,
+                enable_gqa=hq != hkv,
+                return_lse=True,
+                backend=backend,
+                kernel_options=opts,
+            )
             lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
             return jnp.sum(out.astype(jnp.float32) * w) + 0.1 * jnp.sum(lse**2)
+
         return f
 
     argnums = (0, 1, 2, 3) if learnable else (0, 1, 2)
@@ -143,8 +271,19 @@ def test_gradients_match_reference(case, getkey):
 # ------------------------------------------------- lowering for the GPU, on the CPU
 
 
-def _lower(b, hq, hkv, lq, lkv, d, mask_mod=None, score_mod=None, opts=None,
-           dtype=jnp.bfloat16, block_size=128):
+def _lower(
+    b,
+    hq,
+    hkv,
+    lq,
+    lkv,
+    d,
+    mask_mod=None,
+    score_mod=None,
+    opts=None,
+    dtype=jnp.bfloat16,
+    block_size=128,
+):
     from eqx_flexattn._backends import BACKENDS
 
     backend = BACKENDS["mosaic"]
@@ -156,9 +295,7 @@ def _lower(b, hq, hkv, lq, lkv, d, mask_mod=None, score_mod=None, opts=None,
             bm = fa.create_block_mask(
                 mask_mod, None, None, lq, lkv, block_size=block_size
             )
-        problem = fa._attention._problem(
-            q, k, v, score_mod, bm, None, hq != hkv, opts
-        )
+        problem = fa._attention._problem(q, k, v, score_mod, bm, None, hq != hkv, opts)
         return backend.forward(problem)
 
     q, k = spec(b, hq, lq, d), spec(b, hkv, lkv, d)
@@ -182,7 +319,9 @@ LOWERED = {
         mask_mod=masks.prefix_lm(300), score_mod=score_mods.checkerboard
     ),
     "d64_fp16_3_stages": dict(
-        mask_mod=masks.causal_mask, opts={"mosaic": {"num_stages": 3}}, d=64,
+        mask_mod=masks.causal_mask,
+        opts={"mosaic": {"num_stages": 3}},
+        d=64,
         dtype=jnp.float16,
     ),
     "ragged_gqa": dict(mask_mod=masks.causal_mask, lq=1000, lkv=1000, hkv=1),
@@ -193,8 +332,10 @@ LOWERED = {
 }
 
 
-@pytest.mark.parametrize("name", ["causal_d128", "alibi_causal", "document",
-                                  "checkerboard_prefix", "ragged_gqa"])
+@pytest.mark.parametrize(
+    "name",
+    ["causal_d128", "alibi_causal", "document", "checkerboard_prefix", "ragged_gqa"],
+)
 def test_backward_lowers_for_the_gpu(name):
     """The dQ and dK/dV kernels (with the score mod's VJP and its table gradients)
     go through the Mosaic GPU lowering at their real tiles."""
@@ -216,7 +357,8 @@ def test_backward_lowers_for_the_gpu(name):
             problem = fa._attention._problem(q, k, v, mod, bm, None, hkv != 2, None)
             out, lse = fa._attention._fused(problem, backend)
             return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
-                jnp.where(jnp.isfinite(lse), lse, 0.0))
+                jnp.where(jnp.isfinite(lse), lse, 0.0)
+            )
 
         return eqx.filter_grad(lambda a: loss(*a))((q, k, v, score_mod))
 
@@ -229,8 +371,14 @@ def test_backward_lowers_for_the_gpu(name):
 def test_lowers_for_the_gpu(name):
     """The kernel at its real tiles goes through the Mosaic GPU lowering (sm90)."""
     kw = dict(LOWERED[name])
-    shape = dict(b=1, hq=2, hkv=kw.pop("hkv", 2), lq=kw.pop("lq", 1024),
-                 lkv=kw.pop("lkv", 1024), d=kw.pop("d", 128))
+    shape = dict(
+        b=1,
+        hq=2,
+        hkv=kw.pop("hkv", 2),
+        lq=kw.pop("lq", 1024),
+        lkv=kw.pop("lkv", 1024),
+        d=kw.pop("d", 128),
+    )
     lowered = _lower(**shape, **kw)
     assert "mosaic_gpu" in lowered.as_text()
 
@@ -250,7 +398,8 @@ def test_declines_with_reasons():
     text = _explain(f32, kernel_options=INTERPRET)
     assert "declined: mosaic: it takes bfloat16 or float16 inputs" in text
     text = _explain(
-        bf16, score_mod=score_mods.RelativePositionBias(2, 16),
+        bf16,
+        score_mod=score_mods.RelativePositionBias(2, 16),
         kernel_options=INTERPRET,
     )
     assert text.startswith("backend: xla")
@@ -259,8 +408,11 @@ def test_declines_with_reasons():
     assert "head dims up to 256" in _explain(big, kernel_options=INTERPRET)
     with pytest.raises(NotImplementedError, match="bfloat16 or float16"):
         fa.flex_attention(
-            jnp.zeros((1, 1, 8, 64)), jnp.zeros((1, 1, 8, 64)),
-            jnp.zeros((1, 1, 8, 64)), backend="mosaic", kernel_options=INTERPRET,
+            jnp.zeros((1, 1, 8, 64)),
+            jnp.zeros((1, 1, 8, 64)),
+            jnp.zeros((1, 1, 8, 64)),
+            backend="mosaic",
+            kernel_options=INTERPRET,
         )
 
 
@@ -272,12 +424,17 @@ def test_options():
         ({"block_q": 128}, "block_q'] must be 64"),
     ]:
         with pytest.raises(ValueError, match=match):
-            fa.flex_attention(q, q, q, backend="mosaic",
-                              kernel_options={"mosaic": bad})
+            fa.flex_attention(q, q, q, backend="mosaic", kernel_options={"mosaic": bad})
     from eqx_flexattn._backends import BACKENDS
 
     problem = fa._attention._problem(
-        q, q, q, None, None, None, False,
+        q,
+        q,
+        q,
+        None,
+        None,
+        None,
+        False,
         {"BLOCK_N": 64, "num_stages": 3, "mosaic": {"interpret": True}},
     )
     cfg = BACKENDS["mosaic"].config(problem)

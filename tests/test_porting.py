@@ -222,11 +222,20 @@ def test_return_aux_lse_and_max_scores(qkv, causal):
     np_mod = lambda s, b, h, q, kv: s - 0.1 * np.abs(q - kv)
     np_mask = lambda b, h, q, kv: (q >= kv) & (q != 5)  # row 5 fully masked
     bm = fa.create_block_mask(
-        fa.and_masks(masks.causal_mask, lambda b, h, q, kv: q != 5), None, None, L, L,
+        fa.and_masks(masks.causal_mask, lambda b, h, q, kv: q != 5),
+        None,
+        None,
+        L,
+        L,
         block_size=4,
     )
     out, aux = eqx.filter_jit(fa.flex_attention)(
-        q, k, v, plain_mod, bm, enable_gqa=True,
+        q,
+        k,
+        v,
+        plain_mod,
+        bm,
+        enable_gqa=True,
         return_aux=fa.AuxRequest(lse=True, max_scores=True),
     )
     assert isinstance(aux, fa.AuxOutput)

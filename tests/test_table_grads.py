@@ -123,9 +123,9 @@ def test_table_grads_match_reference_autodiff(name, getkey):
     want = eqx.filter_grad(lambda m: _loss(q, k, v, m, bm))(mod)
 
     ds = _dense_ds(q, k, v, mod, bm)
-    raw = jnp.einsum(
-        "bhqd,bhkd->bhqk", q, jnp.repeat(k, HQ // HKV, axis=1)
-    ) / np.sqrt(D)
+    raw = jnp.einsum("bhqd,bhkd->bhqk", q, jnp.repeat(k, HQ // HKV, axis=1)) / np.sqrt(
+        D
+    )
     converted, to_user = eqx.filter_vjp(
         lambda m: convert_score_mod(m, jnp.float32), mod
     )

@@ -184,9 +184,11 @@ def upcast_mod(score_mod, acc_dtype):
     so the VJP's scatter-adds (a bias-table lookup summed over a tile) run in float32
     even for a bfloat16 table."""
     return jax.tree_util.tree_map(
-        lambda x: x.astype(mod_grad_dtype(x.dtype, acc_dtype))
-        if eqx.is_inexact_array(x)
-        else x,
+        lambda x: (
+            x.astype(mod_grad_dtype(x.dtype, acc_dtype))
+            if eqx.is_inexact_array(x)
+            else x
+        ),
         score_mod,
     )
 

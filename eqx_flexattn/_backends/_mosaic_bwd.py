@@ -28,7 +28,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import KernelMod
-from ._mosaic_mods import COL, ROW, WG, accumulate_mma, apply_keep, mma, ModTiles
+from ._mosaic_mods import (
+    accumulate_mma,
+    apply_keep,
+    COL,
+    mma,
+    ModTiles,
+    ROW,
+    sweep,
+    WG,
+)
 from ._tiles import LOG2_E, rowwise
 
 
@@ -64,11 +73,25 @@ def _grad_tables(mod: KernelMod | None, want: bool) -> list[int]:
     """Indices of the tables whose gradient the kernels produce."""
     if mod is None or not want:
         return []
-    return [i for i, sp in enumerate(mod.specs) if jnp.issubdtype(sp.dtype, jnp.floating)]
+    return [
+        i for i, sp in enumerate(mod.specs) if jnp.issubdtype(sp.dtype, jnp.floating)
+    ]
 
 
-def dq_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, blocks,
-              score_mod: KernelMod | None, mask_mod: KernelMod, want_tables: bool):
+def dq_kernel(
+    shape: BackwardShape,
+    q,
+    k,
+    v,
+    do,
+    lse2,
+    delta,
+    counts,
+    blocks,
+    score_mod: KernelMod | None,
+    mask_mod: KernelMod,
+    want_tables: bool,
+):
     """dQ `(B, Hq, Lq_pad, D)` (q's dtype) and, per differentiated table, its
     per-query-row gradient partials `(B, Hq, Lq_pad)` float32."""
     s = shape
@@ -79,16 +102,19 @@ def dq_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, blocks,
     score_tables = () if score_mod is None else score_mod.tables
     n_score, n_mask = len(score_tables), len(mask_mod.tables)
     grads = _grad_tables(score_mod, want_tables)
-    lengths = (s.lq if s.lq_pad != s.lq else None,
-               s.lkv if s.lkv_pad != s.lkv else None)
+    lengths = (
+        s.lq if s.lq_pad != s.lq else None,
+        s.lkv if s.lkv_pad != s.lkv else None,
+    )
     kv_bound = s.lkv if s.lkv_pad != s.lkv else None
     tile = (ROWS, bkv)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, blocks_ref,
-               *refs):
+    def kernel(
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, blocks_ref, *refs
+    ):
         score_refs = refs[:n_score]
-        mask_refs = refs[n_score:n_score + n_mask]
-        dq_ref, *grad_refs = refs[n_score + n_mask:-1]
+        mask_refs = refs[n_score : n_score + n_mask]
+        dq_ref, *grad_refs = refs[n_score + n_mask : -1]
         smem, barriers, consumed = refs[-1]
         q_smem2, do_smem2, k_smem, v_smem, row_smem2, a_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
@@ -122,8 +148,9 @@ def dq_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, blocks,
             a_smem = None if a_smem2 is None else a_smem2.at[wg]
 
             dq = plgpu.layout_cast(jnp.zeros((ROWS, s.d), jnp.float32), WG)
-            sums = [plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), ROW)
-                    for _ in grads]
+            sums = [
+                plgpu.layout_cast(jnp.zeros((ROWS,), jnp.float32), ROW) for _ in grads
+            ]
 
             def step(t, carry, *, apply_mask):
                 dq, sums = carry
@@ -146,18 +173,16 @@ def dq_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, blocks,
                 ds = p * (dp - rowwise(dlt, dp))
                 if score_mod is not None:
                     ds, dvals = score_tiles.score_vjp(
-                        raw, b, h, q0, kv0, vals, ds, bool(grads))
-                    sums = [acc + jnp.sum(dvals[i], axis=1)
-                            for acc, i in zip(sums, grads)]
+                        raw, b, h, q0, kv0, vals, ds, bool(grads)
+                    )
+                    sums = [
+                        acc + jnp.sum(dvals[i], axis=1) for acc, i in zip(sums, grads)
+                    ]
                 dq = accumulate_mma(dq, ds.astype(dtype), k_smem.at[slot], a_smem)
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 return dq, sums
 
-            carry = (dq, sums)
-            carry = lax.fori_loop(jnp.int32(0), n_full,
-                                  lambda t, c: step(t, c, apply_mask=False), carry)
-            dq, sums = lax.fori_loop(n_full, n_all,
-                                     lambda t, c: step(t, c, apply_mask=True), carry)
+            dq, sums = sweep(step, n_full, n_all, (dq, sums))
             q_smem[...] = (dq * s.scale).astype(dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
@@ -176,8 +201,12 @@ def dq_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, blocks,
             def fetch(t, slot):
                 blk = blocks_ref[mb, mh, qi, t]
                 at = (b, kvh, pl.ds(blk * bkv, bkv))
-                plgpu.copy_gmem_to_smem(k_ref.at[at], k_smem.at[slot], k_barriers.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[at], v_smem.at[slot], v_barriers.at[slot])
+                plgpu.copy_gmem_to_smem(
+                    k_ref.at[at], k_smem.at[slot], k_barriers.at[slot]
+                )
+                plgpu.copy_gmem_to_smem(
+                    v_ref.at[at], v_smem.at[slot], v_barriers.at[slot]
+                )
 
             _produce(fetch, n_all, stages, (k_consumed, v_consumed))
 
@@ -189,19 +218,25 @@ def dq_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, blocks,
             plgpu.SMEM((stages, bkv, s.dv), dtype, transforms=_transforms()),
             plgpu.SMEM((2, max(len(grads), 1), ROWS), jnp.float32),
             plgpu.SMEM((2, ROWS, bkv), dtype, transforms=_transforms())
-            if s.interpret else None,
+            if s.interpret
+            else None,
         ]
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
             smem,
-            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=4)),
+            (
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=stages),
+                plgpu.Barrier(num_barriers=4),
+            ),
             (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
             collective_axes="wg",
         )
 
     out_type = [jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad, s.d), dtype)]
-    out_type += [jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad), jnp.float32) for _ in grads]
+    out_type += [
+        jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad), jnp.float32) for _ in grads
+    ]
     outs = plgpu.kernel(
         entry,
         out_type=tuple(out_type),
@@ -215,8 +250,19 @@ def dq_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, blocks,
     return outs[0], dict(zip(grads, outs[1:]))
 
 
-def dkv_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, work,
-               score_mod: KernelMod | None, mask_mod: KernelMod):
+def dkv_kernel(
+    shape: BackwardShape,
+    q,
+    k,
+    v,
+    do,
+    lse2,
+    delta,
+    counts,
+    work,
+    score_mod: KernelMod | None,
+    mask_mod: KernelMod,
+):
     """dK `(B, Hkv, Lkv_pad, D)` and dV `(B, Hkv, Lkv_pad, Dv)` in k's dtype.
 
     `work (B|1, Hkv, Nkv, G·Mq)`: per key block, the query tiles (64 rows) to visit,
@@ -231,16 +277,19 @@ def dkv_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, work,
     work_b = work.shape[0]
     score_tables = () if score_mod is None else score_mod.tables
     n_score, n_mask = len(score_tables), len(mask_mod.tables)
-    lengths = (s.lq if s.lq_pad != s.lq else None,
-               s.lkv if s.lkv_pad != s.lkv else None)
+    lengths = (
+        s.lq if s.lq_pad != s.lq else None,
+        s.lkv if s.lkv_pad != s.lkv else None,
+    )
     kv_bound = s.lkv if s.lkv_pad != s.lkv else None
     tile = (ROWS, ROWS)  # (keys, queries)
 
-    def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, work_ref,
-               *refs):
+    def kernel(
+        q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, work_ref, *refs
+    ):
         score_refs = refs[:n_score]
-        mask_refs = refs[n_score:n_score + n_mask]
-        dk_ref, dv_ref = refs[n_score + n_mask:-1]
+        mask_refs = refs[n_score : n_score + n_mask]
+        dk_ref, dv_ref = refs[n_score + n_mask : -1]
         smem, barriers, consumed = refs[-1]
         k_smem2, v_smem2, q_smem, do_smem, lse_smem, dlt_smem, a_smem2 = smem
         q_bars, do_bars, lse_bars, dlt_bars, kv_bars = barriers
@@ -306,11 +355,7 @@ def dkv_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, work,
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk, dv
 
-            carry = (dk, dv)
-            carry = lax.fori_loop(jnp.int32(0), n_full,
-                                  lambda t, c: step(t, c, apply_mask=False), carry)
-            dk, dv = lax.fori_loop(n_full, n_all,
-                                   lambda t, c: step(t, c, apply_mask=True), carry)
+            dk, dv = sweep(step, n_full, n_all, (dk, dv))
             k_smem[...] = (dk * s.scale).astype(dtype)
             v_smem[...] = dv.astype(dtype)
             plgpu.commit_smem()
@@ -325,12 +370,18 @@ def dkv_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, work,
             def fetch(t, slot):
                 h, qt = decode(t)
                 rows = (b, h, pl.ds(qt * ROWS, ROWS))
-                plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem.at[slot], q_bars.at[slot])
-                plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem.at[slot], do_bars.at[slot])
-                plgpu.copy_gmem_to_smem(lse_ref.at[rows], lse_smem.at[slot],
-                                        lse_bars.at[slot])
-                plgpu.copy_gmem_to_smem(delta_ref.at[rows], dlt_smem.at[slot],
-                                        dlt_bars.at[slot])
+                plgpu.copy_gmem_to_smem(
+                    q_ref.at[rows], q_smem.at[slot], q_bars.at[slot]
+                )
+                plgpu.copy_gmem_to_smem(
+                    do_ref.at[rows], do_smem.at[slot], do_bars.at[slot]
+                )
+                plgpu.copy_gmem_to_smem(
+                    lse_ref.at[rows], lse_smem.at[slot], lse_bars.at[slot]
+                )
+                plgpu.copy_gmem_to_smem(
+                    delta_ref.at[rows], dlt_smem.at[slot], dlt_bars.at[slot]
+                )
 
             _produce(fetch, n_all, stages, (consumed,))
 
@@ -343,13 +394,16 @@ def dkv_kernel(shape: BackwardShape, q, k, v, do, lse2, delta, counts, work,
             plgpu.SMEM((stages, ROWS), jnp.float32),
             plgpu.SMEM((stages, ROWS), jnp.float32),
             plgpu.SMEM((2, ROWS, ROWS), dtype, transforms=_transforms())
-            if s.interpret else None,
+            if s.interpret
+            else None,
         ]
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
             smem,
-            (*(plgpu.Barrier(num_barriers=stages) for _ in range(4)),
-             plgpu.Barrier(num_barriers=4)),
+            (
+                *(plgpu.Barrier(num_barriers=stages) for _ in range(4)),
+                plgpu.Barrier(num_barriers=4),
+            ),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
             collective_axes="wg",
         )

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import KernelMod
-from ._mosaic_mods import accumulate_mma, apply_keep, ModTiles
+from ._mosaic_mods import accumulate_mma, apply_keep, ModTiles, sweep
 from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
 
@@ -120,13 +120,9 @@ def forward(
             mask_static = mask_tiles.fixed(b, h, q0)
             plgpu.barrier_wait(q_barriers.at[wg])
 
-            m_i = plgpu.layout_cast(
-                jnp.full((bq,), -jnp.inf, jnp.float32), row_layout
-            )
+            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
             l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
-            acc = plgpu.layout_cast(
-                jnp.full((bq, s.dv), 0.0, jnp.float32), wg_layout
-            )
+            acc = plgpu.layout_cast(jnp.full((bq, s.dv), 0.0, jnp.float32), wg_layout)
 
             @pl.when(n_all > 0)
             def _():
@@ -180,21 +176,16 @@ def forward(
 
                     @pl.when(nxt < n_all)
                     def _():
-                        plgpu.barrier_wait(k_barriers.at[lax.rem(nxt, jnp.int32(stages))])
+                        plgpu.barrier_wait(
+                            k_barriers.at[lax.rem(nxt, jnp.int32(stages))]
+                        )
 
                 p_smem = None if p_smem2 is None else p_smem2.at[wg]
                 acc = accumulate_mma(acc, p16, v_smem.at[slot], p_smem, wait_next_k)
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 return acc, m_i, l_i
 
-            carry = (acc, m_i, l_i)
-            carry = lax.fori_loop(
-                jnp.int32(0), n_full, lambda t, c: step(t, c, apply_mask=False), carry
-            )
-            carry = lax.fori_loop(
-                n_full, n_all, lambda t, c: step(t, c, apply_mask=True), carry
-            )
-            acc, m_i, l_i = carry
+            acc, m_i, l_i = sweep(step, n_full, n_all, (acc, m_i, l_i))
             pl.when(wg == 0)(schedule_barrier)
 
             out, lse2 = softmax_finish(acc, l_i, m_i, jnp.log2)

@@ -96,7 +96,8 @@ class ModTiles:
         """`(dS before the mod, cotangents of the float values)` for `dS` after it."""
         q, kv = self.indices(row0, col0)
         floats = [
-            i for i, sp in enumerate(self.mod.specs)
+            i
+            for i, sp in enumerate(self.mod.specs)
             if want_values and jnp.issubdtype(sp.dtype, jnp.floating)
         ]
 
@@ -107,9 +108,12 @@ class ModTiles:
             return self.mod.apply_tile(s_, b, h, q, kv, *vals)
 
         full = [
-            values[i] if jnp.ndim(values[i]) else
-            lax.broadcast_in_dim(values[i], self.shape, ()) for i in floats
+            values[i]
+            if jnp.ndim(values[i])
+            else lax.broadcast_in_dim(values[i], self.shape, ())
+            for i in floats
         ]
+
         def pullback(ds, s, *full):
             return jax.vjp(f, s, *full)[1](ds)
 
@@ -195,3 +199,12 @@ def mma(a_ref, b_ref, shape):
         return acc_ref[...]
 
     return pl.run_scoped(compute, plgpu.ACC(shape, jnp.float32))
+
+
+def sweep(step, n_full, n_all, carry):
+    """Runs `step(t, carry, apply_mask=...)` over a block list: its full blocks
+    `[0, n_full)` without the mask mod, then its partial ones `[n_full, n_all)`."""
+    carry = lax.fori_loop(
+        jnp.int32(0), n_full, lambda t, c: step(t, c, apply_mask=False), carry
+    )
+    return lax.fori_loop(n_full, n_all, lambda t, c: step(t, c, apply_mask=True), carry)

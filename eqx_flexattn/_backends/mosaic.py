@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
-from .._mods import INDEX_DTYPE, KernelMod, kernel_mod
+from .._mods import INDEX_DTYPE, kernel_mod, KernelMod
 from . import _mosaic_bwd, _mosaic_fwd
 from ._base import AbstractBackend, AttentionProblem, grads_like
 from ._config import AbstractConfig, check_bool
@@ -129,7 +129,8 @@ class MosaicBackend(AbstractBackend):
             cc = getattr(dev, "compute_capability", None)
             if dev.platform != "gpu" or cc is None:
                 raise NotImplementedError(
-                    f"it needs an NVIDIA GPU (sm90 or newer); JAX runs on {dev.platform}."
+                    "it needs an NVIDIA GPU (sm90 or newer); JAX runs on "
+                    f"{dev.platform}."
                 )
             if float(cc) < 9.0:
                 raise NotImplementedError(
@@ -153,6 +154,29 @@ class MosaicBackend(AbstractBackend):
         cols = cfg.kv_tile(problem.q.shape[-1])
         return _mosaic_fwd.padded(lq, rows), _mosaic_fwd.padded(lkv, cols)
 
+    def _sizes(self, problem, cfg) -> dict:
+        """The kernels' static sizes: lengths padded to the tiles, head dims to
+        multiples of 64 (zero padding leaves q·k and the output unchanged)."""
+        b, hq, lq, d = problem.q.shape
+        hkv, lkv, dv = problem.v.shape[1:]
+        lq_pad, lkv_pad = self._padded(problem, cfg)
+        d_pad, dv_pad = 64 * math.ceil(d / 64), 64 * math.ceil(dv / 64)
+        return dict(
+            b=b,
+            hq=hq,
+            hkv=hkv,
+            lq=lq,
+            lkv=lkv,
+            lq_pad=lq_pad,
+            lkv_pad=lkv_pad,
+            d=d_pad,
+            dv=dv_pad,
+            block_kv=cfg.kv_tile(d_pad),
+            num_stages=cfg.num_stages,
+            scale=problem.scale,
+            interpret=cfg.interpret,
+        )
+
     def _mods(self, problem, lq_pad, lkv_pad) -> tuple[KernelMod | None, KernelMod]:
         b, hq, lq, _ = problem.q.shape
         lkv = problem.k.shape[2]
@@ -168,16 +192,13 @@ class MosaicBackend(AbstractBackend):
     def forward(self, problem: AttentionProblem) -> tuple[Array, Array]:
         cfg = self.config(problem)
         q, k, v = problem.q, problem.k, problem.v
-        b, hq, lq, d = q.shape
-        hkv, lkv, dv = v.shape[1:]
-        lq_pad, lkv_pad = self._padded(problem, cfg)
-        d_pad, dv_pad = 64 * math.ceil(d / 64), 64 * math.ceil(dv / 64)
-        bkv = cfg.kv_tile(d_pad)
-        shape = _mosaic_fwd.ForwardShape(
-            b=b, hq=hq, hkv=hkv, lq=lq, lkv=lkv, lq_pad=lq_pad, lkv_pad=lkv_pad,
-            d=d_pad, dv=dv_pad, block_q=cfg.block_q, block_kv=bkv,
-            num_stages=cfg.num_stages, scale=problem.scale, interpret=cfg.interpret,
+        lq, lkv, dv = q.shape[2], v.shape[2], v.shape[3]
+        sizes = self._sizes(problem, cfg)
+        lq_pad, lkv_pad, d_pad, dv_pad = (
+            sizes[n] for n in ("lq_pad", "lkv_pad", "d", "dv")
         )
+        bkv = sizes["block_kv"]
+        shape = _mosaic_fwd.ForwardShape(**sizes, block_q=cfg.block_q)
         counts, blocks = _block_lists(
             problem, _mosaic_fwd.tile_rows(cfg.block_q), bkv, lkv_pad != lkv
         )
@@ -200,16 +221,13 @@ class MosaicBackend(AbstractBackend):
             dout = jnp.zeros_like(out)
         cfg = self.config(problem)
         q, k, v = problem.q, problem.k, problem.v
-        b, hq, lq, d = q.shape
-        hkv, lkv, dv = v.shape[1:]
-        lq_pad, lkv_pad = self._padded(problem, cfg)
-        d_pad, dv_pad = 64 * math.ceil(d / 64), 64 * math.ceil(dv / 64)
-        bkv = cfg.kv_tile(d_pad)
-        shape = _mosaic_bwd.BackwardShape(
-            b=b, hq=hq, hkv=hkv, lq=lq, lkv=lkv, lq_pad=lq_pad, lkv_pad=lkv_pad,
-            d=d_pad, dv=dv_pad, block_kv=bkv, num_stages=cfg.num_stages,
-            scale=problem.scale, interpret=cfg.interpret,
+        hkv, lq, d, lkv, dv = k.shape[1], q.shape[2], q.shape[3], v.shape[2], v.shape[3]
+        sizes = self._sizes(problem, cfg)
+        lq_pad, lkv_pad, d_pad, dv_pad = (
+            sizes[n] for n in ("lq_pad", "lkv_pad", "d", "dv")
         )
+        bkv = sizes["block_kv"]
+        shape = _mosaic_bwd.BackwardShape(**sizes)
         # The prologue: delta = rowsum(dO * O) (less dlse), lse in base 2 with +inf
         # for fully masked rows (their P is then 0).
         finite = jnp.isfinite(lse)
@@ -231,7 +249,17 @@ class MosaicBackend(AbstractBackend):
             rows = _mosaic_fwd.tile_rows(cfg.block_q)
             counts, blocks = _block_lists(problem, rows, bkv, kv_ragged)
             dq, row_grads = _mosaic_bwd.dq_kernel(
-                shape, qp, kp, vp, dop, lse2, delta, counts, blocks, score, mask,
+                shape,
+                qp,
+                kp,
+                vp,
+                dop,
+                lse2,
+                delta,
+                counts,
+                blocks,
+                score,
+                mask,
                 need_mod,
             )
             dq = dq[:, :, :lq, :d] if perturbed.q else None
