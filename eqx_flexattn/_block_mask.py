@@ -53,6 +53,18 @@ def noop_mask(b, h, q_idx, kv_idx):
 class _CombinedMask(eqx.Module):
     mods: tuple[Callable, ...]
     op: str = eqx.field(static=True)
+    name: str | None = eqx.field(static=True, default=None)
+
+    @property
+    def __name__(self) -> str:
+        return repr(self)
+
+    def __setattr__(self, name, value):
+        if name != "__name__":
+            return super().__setattr__(name, value)
+        # attention-gym names its combined masks (`mask.__name__ = "..."`): kept in a
+        # static field, set right after construction, so it survives flattening.
+        object.__setattr__(self, "name", str(value))
 
     def __call__(self, b, h, q_idx, kv_idx):
         out = jnp.asarray(self.op == "and")
@@ -62,6 +74,8 @@ class _CombinedMask(eqx.Module):
         return out
 
     def __repr__(self):
+        if self.name is not None:
+            return self.name
         return f"{self.op}_masks({', '.join(map(_mod_name, self.mods))})"
 
     def check_shape(self, B: int, Hq: int, Lq: int, Lkv: int) -> None:
