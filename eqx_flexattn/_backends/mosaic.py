@@ -18,6 +18,12 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+
+if jax.__version_info__ < (0, 11):  # the registry turns this into a decline reason
+    raise ImportError(
+        f"the Mosaic GPU kernels need jax >= 0.11, this is jax {jax.__version__}"
+    )
+
 from .._mods import INDEX_DTYPE, kernel_mod, KernelMod
 from . import _mosaic_bwd, _mosaic_fwd
 from ._base import AbstractBackend, AttentionProblem, grads_like
