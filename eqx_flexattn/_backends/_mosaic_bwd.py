@@ -34,6 +34,7 @@ from ._mosaic_mods import (
     COL,
     mma,
     ModTiles,
+    produce,
     ROW,
     sweep,
     WG,
@@ -208,7 +209,7 @@ def dq_kernel(
                     v_ref.at[at], v_smem.at[slot], v_barriers.at[slot]
                 )
 
-            _produce(fetch, n_all, stages, (k_consumed, v_consumed))
+            produce(fetch, n_all, stages, (k_consumed, v_consumed))
 
     def entry(*refs):
         smem = [
@@ -383,7 +384,7 @@ def dkv_kernel(
                     delta_ref.at[rows], dlt_smem.at[slot], dlt_bars.at[slot]
                 )
 
-            _produce(fetch, n_all, stages, (consumed,))
+            produce(fetch, n_all, stages, (consumed,))
 
     def entry(*refs):
         smem = [
@@ -422,28 +423,6 @@ def dkv_kernel(
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **_interpret(s),
     )(q, k, v, do, lse2, delta, counts, work, *score_tables, *mask_mod.tables)
-
-
-def _produce(fetch, n_all, stages: int, consumed_barriers):
-    """The producer warpgroup's loop: fill the ring, then refill each slot once both
-    consumers released it; finally observe the last release of every slot used (so
-    each barrier ends in a completed phase)."""
-    for i in range(stages):
-        pl.when(i < n_all)(lambda i=i: fetch(jnp.int32(i), i))
-
-    @pl.loop(jnp.int32(0), jnp.maximum(n_all - stages, jnp.int32(0)))
-    def _(t):
-        slot = lax.rem(t, jnp.int32(stages))
-        for bar in consumed_barriers:
-            plgpu.barrier_wait(bar.at[slot])
-        fetch(t + stages, slot)
-
-    for i in range(stages):
-
-        @pl.when(i < n_all)
-        def _():
-            for bar in consumed_barriers:
-                plgpu.barrier_wait(bar.at[i])
 
 
 def _interpret(s) -> dict:

@@ -24,7 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import KernelMod
-from ._mosaic_mods import accumulate_mma, apply_keep, ModTiles, sweep
+from ._mosaic_mods import accumulate_mma, apply_keep, ModTiles, produce, sweep
 from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
 
@@ -213,24 +213,7 @@ def forward(
                     v_ref.at[rows], v_smem.at[slot], v_barriers.at[slot]
                 )
 
-            for i in range(stages):
-                pl.when(i < n_all)(lambda i=i: fetch(i, i))
-
-            @pl.loop(jnp.int32(0), jnp.maximum(n_all - stages, jnp.int32(0)))
-            def _(t):
-                slot = lax.rem(t, jnp.int32(stages))
-                plgpu.barrier_wait(k_consumed.at[slot])
-                plgpu.barrier_wait(v_consumed.at[slot])
-                fetch(t + stages, slot)
-
-            # Observe the consumers' last release of every slot used, so each
-            # barrier ends in a completed phase.
-            for i in range(stages):
-
-                @pl.when(i < n_all)
-                def _():
-                    plgpu.barrier_wait(k_consumed.at[i])
-                    plgpu.barrier_wait(v_consumed.at[i])
+            produce(fetch, n_all, stages, (k_consumed, v_consumed))
 
     def entry(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
         tiling = plgpu.TilingTransform((8, 64))

@@ -1,4 +1,5 @@
-"""Score and mask mods on the register tiles of the Mosaic GPU kernels.
+"""Score and mask mods on the register tiles of the Mosaic GPU kernels, and the
+pieces of pipeline every one of those kernels shares.
 
 A kernel holds a tile of scores of shape `(R, C)` in the WGMMA layout whose rows are
 query positions (forward, dq) or key positions (dk/dv, which works on `Sᵀ`).
@@ -208,3 +209,25 @@ def sweep(step, n_full, n_all, carry):
         jnp.int32(0), n_full, lambda t, c: step(t, c, apply_mask=False), carry
     )
     return lax.fori_loop(n_full, n_all, lambda t, c: step(t, c, apply_mask=True), carry)
+
+
+def produce(fetch, n_all, stages: int, consumed_barriers):
+    """The producer warpgroup's loop: fill the ring, then refill each slot once both
+    consumers released it; finally observe the last release of every slot used (so
+    each barrier ends in a completed phase)."""
+    for i in range(stages):
+        pl.when(i < n_all)(lambda i=i: fetch(jnp.int32(i), i))
+
+    @pl.loop(jnp.int32(0), jnp.maximum(n_all - stages, jnp.int32(0)))
+    def _(t):
+        slot = lax.rem(t, jnp.int32(stages))
+        for bar in consumed_barriers:
+            plgpu.barrier_wait(bar.at[slot])
+        fetch(t + stages, slot)
+
+    for i in range(stages):
+
+        @pl.when(i < n_all)
+        def _():
+            for bar in consumed_barriers:
+                plgpu.barrier_wait(bar.at[i])
