@@ -525,6 +525,14 @@ class KernelMod(eqx.Module):
         return jax.core.eval_jaxpr(apply.jaxpr, apply.consts, *args)[0]
 
 
+def kernel_mod_specs(mod: ScalarMod) -> tuple[OperandSpec, ...]:
+    """The tables `kernel_mod` would build for `mod`, without building them.
+
+    Raises `NotImplementedError`, with a sentence, for mods a kernel cannot take.
+    """
+    return _split_cached(mod).specs
+
+
 def kernel_mod(
     mod: ScalarMod, b: int, h: int, lq: int, lkv: int, *, lq_pad: int, lkv_pad: int
 ) -> KernelMod:

@@ -32,9 +32,11 @@ from ._mosaic_mods import (
     accumulate_mma,
     apply_keep,
     COL,
+    interpret_params,
     mma,
     ModTiles,
     produce,
+    produce_kv,
     ROW,
     sweep,
     WG,
@@ -198,18 +200,16 @@ def dq_kernel(
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
             kvh = lax.div(h, jnp.array(s.groups, h.dtype))
-
-            def fetch(t, slot):
-                blk = blocks_ref[mb, mh, qi, t]
-                at = (b, kvh, pl.ds(blk * bkv, bkv))
-                plgpu.copy_gmem_to_smem(
-                    k_ref.at[at], k_smem.at[slot], k_barriers.at[slot]
-                )
-                plgpu.copy_gmem_to_smem(
-                    v_ref.at[at], v_smem.at[slot], v_barriers.at[slot]
-                )
-
-            produce(fetch, n_all, stages, (k_consumed, v_consumed))
+            produce_kv(
+                lambda t: blocks_ref[mb, mh, qi, t],
+                lambda blk: (b, kvh, pl.ds(blk * bkv, bkv)),
+                (k_ref, v_ref),
+                (k_smem, v_smem),
+                (k_barriers, v_barriers),
+                (k_consumed, v_consumed),
+                n_all,
+                stages,
+            )
 
     def entry(*refs):
         smem = [
@@ -246,7 +246,7 @@ def dq_kernel(
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **_interpret(s),
+        **interpret_params(s.interpret),
     )(q, k, v, do, lse2, delta, counts, blocks, *score_tables, *mask_mod.tables)
     return outs[0], dict(zip(grads, outs[1:]))
 
@@ -421,9 +421,5 @@ def dkv_kernel(
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **_interpret(s),
+        **interpret_params(s.interpret),
     )(q, k, v, do, lse2, delta, counts, work, *score_tables, *mask_mod.tables)
-
-
-def _interpret(s) -> dict:
-    return {"interpret": plgpu.InterpretGPUParams()} if s.interpret else {}

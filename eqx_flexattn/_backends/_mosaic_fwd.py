@@ -24,7 +24,14 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import KernelMod
-from ._mosaic_mods import accumulate_mma, apply_keep, ModTiles, produce, sweep
+from ._mosaic_mods import (
+    accumulate_mma,
+    apply_keep,
+    interpret_params,
+    ModTiles,
+    produce_kv,
+    sweep,
+)
 from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
 
@@ -202,18 +209,16 @@ def forward(
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
             kvh = lax.div(h, jnp.array(s.groups, h.dtype))
-
-            def fetch(t, slot):
-                blk = blocks_ref[mb, mh, qi, t]
-                rows = (b, kvh, pl.ds(blk * bkv, bkv))
-                plgpu.copy_gmem_to_smem(
-                    k_ref.at[rows], k_smem.at[slot], k_barriers.at[slot]
-                )
-                plgpu.copy_gmem_to_smem(
-                    v_ref.at[rows], v_smem.at[slot], v_barriers.at[slot]
-                )
-
-            produce(fetch, n_all, stages, (k_consumed, v_consumed))
+            produce_kv(
+                lambda t: blocks_ref[mb, mh, qi, t],
+                lambda blk: (b, kvh, pl.ds(blk * bkv, bkv)),
+                (k_ref, v_ref),
+                (k_smem, v_smem),
+                (k_barriers, v_barriers),
+                (k_consumed, v_consumed),
+                n_all,
+                stages,
+            )
 
     def entry(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
         tiling = plgpu.TilingTransform((8, 64))
@@ -253,9 +258,6 @@ def forward(
         jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad, s.dv), dtype),
         jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad), jnp.float32),
     )
-    kwargs = {}
-    if s.interpret:
-        kwargs["interpret"] = plgpu.InterpretGPUParams()
     return plgpu.kernel(
         entry,
         out_type=out_type,
@@ -264,7 +266,7 @@ def forward(
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        **kwargs,
+        **interpret_params(s.interpret),
     )(q, k, v, counts, blocks, *score_tables, *mask_tables)
 
 

@@ -231,3 +231,21 @@ def produce(fetch, n_all, stages: int, consumed_barriers):
         def _():
             for bar in consumed_barriers:
                 plgpu.barrier_wait(bar.at[i])
+
+
+def produce_kv(block_at, kv_rows, refs, smem, barriers, consumed, n_all, stages):
+    """The producer of the forward and dQ kernels: streams the K and V tiles of the
+    key blocks `block_at(t)` (rows `kv_rows(block)` of `refs = (k_ref, v_ref)`) into
+    the ring `smem = (k_smem, v_smem)`, completing `barriers = (k_bars, v_bars)`."""
+
+    def fetch(t, slot):
+        rows = kv_rows(block_at(t))
+        for ref, buf, bars in zip(refs, smem, barriers):
+            plgpu.copy_gmem_to_smem(ref.at[rows], buf.at[slot], bars.at[slot])
+
+    produce(fetch, n_all, stages, consumed)
+
+
+def interpret_params(interpret: bool) -> dict:
+    """`plgpu.kernel`'s keyword for the Mosaic GPU interpreter, when asked for."""
+    return {"interpret": plgpu.InterpretGPUParams()} if interpret else {}

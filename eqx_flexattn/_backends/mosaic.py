@@ -24,7 +24,7 @@ if jax.__version_info__ < (0, 11):  # the registry turns this into a decline rea
         f"the Mosaic GPU kernels need jax >= 0.11, this is jax {jax.__version__}"
     )
 
-from .._mods import INDEX_DTYPE, kernel_mod, KernelMod
+from .._mods import INDEX_DTYPE, kernel_mod, kernel_mod_specs, KernelMod
 from . import _mosaic_bwd, _mosaic_fwd
 from ._base import AbstractBackend, AttentionProblem, grads_like
 from ._config import AbstractConfig, check_bool
@@ -152,7 +152,9 @@ class MosaicBackend(AbstractBackend):
             raise NotImplementedError(
                 f"it takes head dims up to 256, got D={d}, Dv={dv}."
             )
-        self._mods(problem, *self._padded(problem, cfg))
+        for mod in (problem.score_mod, problem.mask_mod):
+            if mod is not None:
+                kernel_mod_specs(mod)  # raises for a mod the kernels can't take
 
     def _padded(self, problem, cfg):
         lq, lkv = problem.q.shape[2], problem.k.shape[2]
@@ -286,9 +288,7 @@ class MosaicBackend(AbstractBackend):
         if max(d, dv) > 128:
             return f"head dims over 128 (D={d}, Dv={dv}) exceed the registers"
         if need_mod:
-            cfg = self.config(problem)
-            score, _ = self._mods(problem, *self._padded(problem, cfg))
-            for spec in score.specs:
+            for spec in kernel_mod_specs(problem.score_mod):
                 if spec.kind == "kv" and jnp.issubdtype(spec.dtype, jnp.floating):
                     return "gradients of per-key score-mod tables are not in the kernel"
         return None

@@ -57,7 +57,9 @@ def test_forward_and_gradients_match_xla(name):
     argnums = (0, 1, 2) if score_mod is None else (0, 1, 2, 3)
     up = lambda x: x.astype(jnp.float32)
     got = jax.jit(jax.grad(_loss("mosaic", bm, w), argnums))(q, k, v, score_mod)
-    want = jax.jit(jax.grad(_loss("xla", bm, w), argnums))(up(q), up(k), up(v), score_mod)
+    want = jax.jit(jax.grad(_loss("xla", bm, w), argnums))(
+        up(q), up(k), up(v), score_mod
+    )
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         a, b = np.asarray(up(a)), np.asarray(b)
         assert not np.isnan(a).any()
