@@ -218,8 +218,9 @@ def _only_masks(case: Case, config: Config, masks: tuple) -> str | None:
 class EqxFlex(JaxImpl):
     """eqx_flexattn.flex_attention with one backend of `eqx_flexattn._backends`."""
 
-    def __init__(self, backend: str):
+    def __init__(self, backend: str, kernel_options: dict | None = None):
         self.backend = backend
+        self.kernel_options = kernel_options
         self.name = f"eqx_flexattn.{backend}"
 
     def supports(self, case, config):
@@ -239,6 +240,7 @@ class EqxFlex(JaxImpl):
                 mask_mod, None, None, config.Lq, config.Lkv
             )
         scale, gqa, backend = scale_of(config), config.gqa, self.backend
+        options = self.kernel_options
 
         def fn(q, k, v, params):
             score_mod, block_mask = params
@@ -250,6 +252,7 @@ class EqxFlex(JaxImpl):
                 block_mask,
                 scale=scale,
                 enable_gqa=gqa,
+                kernel_options=options,
                 backend=backend,
             )
 

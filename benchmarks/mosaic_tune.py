@@ -1,81 +1,57 @@
-"""Forward time of the `mosaic` kernel under several tile/stage options (one GPU run).
+"""Times the `mosaic` backend under several kernel options (one GPU run).
 
-    python -m benchmarks.mosaic_tune
+    python -m benchmarks.mosaic_tune [--fwdbwd] [--configs seed,L8k]
+        [--cases none,causal] [--variants '[{}, {"num_stages": 3}]'] [--label new]
 
 Prints one line per (config, case, options): median ms and TFLOP/s on the attended
-fraction, timed like the harness (`benchmarks.timing`).
+fraction, built and timed like the harness (`benchmarks.impls`, `benchmarks.timing`).
+Run it twice with different `PYTHONPATH`s to compare two versions of the kernels
+in one GPU session.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+
 import jax
 
-import eqx_flexattn as fa
-from benchmarks import mods, spec
+from benchmarks import spec
+from benchmarks.impls import EqxFlex, Workspace
 from benchmarks.timing import measure, TimingSettings
 
 
-VARIANTS = {
-    "seed": [
-        {},
-        {"num_stages": 3},
-        {"block_kv": 64},
-        {"block_kv": 256},
-        {"block_kv": 64, "num_stages": 4},
-    ],
-    "L8k": [{}, {"block_kv": 64}, {"block_kv": 64, "num_stages": 3}],
-}
-CASES = ("none", "causal", "softcap+causal", "document")
-
-
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--fwdbwd", action="store_true", help="time forward+backward")
+    parser.add_argument("--configs", default="seed,L8k")
+    parser.add_argument("--cases", default="none,causal,softcap+causal,document")
+    parser.add_argument("--variants", default="[{}]", help="JSON list of options")
+    parser.add_argument("--label", default="")
+    args = parser.parse_args()
     settings = TimingSettings(warmup=2, iters=20, timed_seconds=1.0)
-    print(jax.devices()[0].device_kind, flush=True)
-    for cname, variants in VARIANTS.items():
+    variants = json.loads(args.variants)
+    mode = "fwd+bwd" if args.fwdbwd else "fwd"
+    print(jax.devices()[0].device_kind, args.label, mode, flush=True)
+    for cname in args.configs.split(","):
         config = spec.CONFIGS[cname]
-        key = jax.random.key(0)
-        shape = (config.B, config.Hq, config.Lq, config.D)
-        ks = jax.random.split(key, 3)
-        q = jax.random.normal(ks[0], shape, config.dtype)
-        k = jax.random.normal(ks[1], shape, config.dtype)
-        v = jax.random.normal(ks[2], shape, config.dtype)
-        for case_name in CASES:
+        ws = Workspace(config)
+        for case_name in args.cases.split(","):
             case = spec.CASES[case_name]
-            score_mod, mask_mod = mods.eqx_mods(case, config)
-            bm = None
-            if mask_mod is not None:
-                bm = fa.create_block_mask(mask_mod, None, None, config.Lq, config.Lkv)
-            flop = spec.flops(case, config)[0]
+            flop = spec.flops(case, config)[1 if args.fwdbwd else 0]
             for opts in variants:
-                f = jax.jit(
-                    lambda q, k, v, p, opts=opts: fa.flex_attention(
-                        q,
-                        k,
-                        v,
-                        p[0],
-                        p[1],
-                        backend="mosaic",
-                        kernel_options={"mosaic": opts},
-                    )
-                )
+                impl = EqxFlex("mosaic", kernel_options={"mosaic": opts})
+                head = f"{args.label:6s} {mode:7s} {cname:5s} {case_name:22s}"
+                head += f" {opts!s:28s}"
                 try:
-                    t = measure(
-                        lambda: f(q, k, v, (score_mod, bm)),
-                        jax.block_until_ready,
-                        settings,
-                    )
-                    print(
-                        f"{cname:5s} {case_name:15s} {str(opts):38s} "
-                        f"{t.median_ms:8.3f} ms "
-                        f"{flop / t.median_ms / 1e9:6.0f} TFLOP/s",
-                        flush=True,
-                    )
+                    make = impl.make_fwdbwd if args.fwdbwd else impl.make_fwd
+                    step = make(case, config, ws)
+                    t = measure(step, impl.sync, settings)
+                    tflops = flop / t.median_ms / 1e9
+                    ms = t.median_ms
+                    print(f"{head} {ms:8.3f} ms {tflops:6.0f} TFLOP/s", flush=True)
                 except Exception as e:  # noqa: BLE001
-                    print(
-                        f"{cname:5s} {case_name:15s} {str(opts):38s} FAIL "
-                        f"{type(e).__name__}: {str(e)[:200]}",
-                        flush=True,
-                    )
+                    print(f"{head} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
 
 
 if __name__ == "__main__":

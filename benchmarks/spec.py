@@ -104,6 +104,7 @@ CASES: dict[str, Case] = {
         Case("document", mask="document"),
         Case("prefix_lm", mask="prefix_lm"),
         Case("alibi+causal:learnable", mask="causal", score="alibi", learnable=True),
+        Case("relative_bias", score="relative_bias"),
         Case("relative_bias:learnable", score="relative_bias", learnable=True),
     )
 }

@@ -439,3 +439,19 @@ def test_options():
     )
     cfg = BACKENDS["mosaic"].config(problem)
     assert (cfg.block_kv, cfg.num_stages, cfg.interpret) == (64, 3, True)
+
+
+def test_named_barriers_are_counted():
+    """The kernels' hand-offs get consecutive hardware barrier ids after Mosaic GPU's
+    own; asking for more than a CTA has is an error, not a silent overlap."""
+    from eqx_flexattn._backends._mosaic_mods import FIRST_NAMED_BARRIER, make_signals
+
+    a, b, turn = make_signals(True, [(4, 2, 1), (4, 2, 1), (2, 1, 1)], [None] * 3)
+    assert (a.first_id, b.first_id, turn.first_id) == (
+        FIRST_NAMED_BARRIER,
+        FIRST_NAMED_BARRIER + 4,
+        FIRST_NAMED_BARRIER + 8,
+    )
+    assert a._threads == 384 and turn._threads == 256
+    with pytest.raises(ValueError, match="named barriers needed"):
+        make_signals(True, [(8, 2, 1), (8, 2, 1)], [None, None])

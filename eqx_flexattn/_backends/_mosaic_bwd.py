@@ -32,12 +32,15 @@ from ._mosaic_mods import (
     accumulate_mma,
     apply_keep,
     COL,
+    compiler_params,
     interpret_params,
+    make_signals,
     mma,
     ModTiles,
     produce,
     produce_kv,
     ROW,
+    signal_scratch,
     sweep,
     WG,
 )
@@ -111,6 +114,8 @@ def dq_kernel(
     )
     kv_bound = s.lkv if s.lkv_pad != s.lkv else None
     tile = (ROWS, bkv)
+    named = not s.interpret
+    families = [(stages, 2, 1), (stages, 2, 1)]  # K, V slots released
 
     def kernel(
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, blocks_ref, *refs
@@ -118,10 +123,10 @@ def dq_kernel(
         score_refs = refs[:n_score]
         mask_refs = refs[n_score : n_score + n_mask]
         dq_ref, *grad_refs = refs[n_score + n_mask : -1]
-        smem, barriers, consumed = refs[-1]
+        smem, barriers, signal_bars = refs[-1]
         q_smem2, do_smem2, k_smem, v_smem, row_smem2, a_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
-        k_consumed, v_consumed = consumed
+        k_released, v_released = make_signals(named, families, signal_bars)
         score_tiles = ModTiles(score_mod, score_refs, tile, "q", lengths)
         mask_tiles = ModTiles(mask_mod, mask_refs, tile, "q", lengths)
 
@@ -172,7 +177,7 @@ def dq_kernel(
                 p = jnp.exp2(sc - rowwise(lse, sc))
                 plgpu.barrier_wait(v_barriers.at[slot])
                 dp = mma(do_smem, v_smem.at[slot].T, tile)
-                plgpu.barrier_arrive(v_consumed.at[slot])
+                v_released.arrive(slot)
                 ds = p * (dp - rowwise(dlt, dp))
                 if score_mod is not None:
                     ds, dvals = score_tiles.score_vjp(
@@ -182,7 +187,7 @@ def dq_kernel(
                         acc + jnp.sum(dvals[i], axis=1) for acc, i in zip(sums, grads)
                     ]
                 dq = accumulate_mma(dq, ds.astype(dtype), k_smem.at[slot], a_smem)
-                plgpu.barrier_arrive(k_consumed.at[slot])
+                k_released.arrive(slot)
                 return dq, sums
 
             dq, sums = sweep(step, n_full, n_all, (dq, sums))
@@ -206,7 +211,7 @@ def dq_kernel(
                 (k_ref, v_ref),
                 (k_smem, v_smem),
                 (k_barriers, v_barriers),
-                (k_consumed, v_consumed),
+                (k_released, v_released),
                 n_all,
                 stages,
             )
@@ -230,7 +235,7 @@ def dq_kernel(
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=4),
             ),
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
+            signal_scratch(named, families),
             collective_axes="wg",
         )
 
@@ -245,7 +250,7 @@ def dq_kernel(
         grid_names=("heads", "q", "batch"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=compiler_params(named),
         **interpret_params(s.interpret),
     )(q, k, v, do, lse2, delta, counts, blocks, *score_tables, *mask_mod.tables)
     return outs[0], dict(zip(grads, outs[1:]))
@@ -284,6 +289,8 @@ def dkv_kernel(
     )
     kv_bound = s.lkv if s.lkv_pad != s.lkv else None
     tile = (ROWS, ROWS)  # (keys, queries)
+    named = not s.interpret
+    families = [(stages, 2, 1)]  # Q/dO/lse/delta slots released
 
     def kernel(
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, work_ref, *refs
@@ -291,7 +298,8 @@ def dkv_kernel(
         score_refs = refs[:n_score]
         mask_refs = refs[n_score : n_score + n_mask]
         dk_ref, dv_ref = refs[n_score + n_mask : -1]
-        smem, barriers, consumed = refs[-1]
+        smem, barriers, signal_bars = refs[-1]
+        (released,) = make_signals(named, families, signal_bars)
         k_smem2, v_smem2, q_smem, do_smem, lse_smem, dlt_smem, a_smem2 = smem
         q_bars, do_bars, lse_bars, dlt_bars, kv_bars = barriers
         score_tiles = ModTiles(score_mod, score_refs, tile, "kv", lengths)
@@ -353,7 +361,7 @@ def dkv_kernel(
                 if score_mod is not None:
                     dst, _ = score_tiles.score_vjp(raw, b, h, kv0, q0, vals, dst, False)
                 dk = accumulate_mma(dk, dst.astype(dtype), q_smem.at[slot], a_smem)
-                plgpu.barrier_arrive(consumed.at[slot])
+                released.arrive(slot)
                 return dk, dv
 
             dk, dv = sweep(step, n_full, n_all, (dk, dv))
@@ -384,7 +392,7 @@ def dkv_kernel(
                     delta_ref.at[rows], dlt_smem.at[slot], dlt_bars.at[slot]
                 )
 
-            produce(fetch, n_all, stages, (consumed,))
+            produce(fetch, n_all, stages, (released,))
 
     def entry(*refs):
         smem = [
@@ -405,7 +413,7 @@ def dkv_kernel(
                 *(plgpu.Barrier(num_barriers=stages) for _ in range(4)),
                 plgpu.Barrier(num_barriers=4),
             ),
-            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            signal_scratch(named, families),
             collective_axes="wg",
         )
 
@@ -420,6 +428,6 @@ def dkv_kernel(
         grid_names=("heads", "kv", "batch"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=compiler_params(named),
         **interpret_params(s.interpret),
     )(q, k, v, do, lse2, delta, counts, work, *score_tables, *mask_mod.tables)

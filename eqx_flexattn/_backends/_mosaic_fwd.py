@@ -27,9 +27,12 @@ from .._mods import KernelMod
 from ._mosaic_mods import (
     accumulate_mma,
     apply_keep,
+    compiler_params,
     interpret_params,
+    make_signals,
     ModTiles,
     produce_kv,
+    signal_scratch,
     sweep,
 )
 from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
@@ -86,6 +89,10 @@ def forward(
     row_layout = plgpu.Layout.WGMMA.reduce(1)
     q_ragged = s.lq_pad != s.lq
     kv_ragged = s.lkv_pad != s.lkv
+    named = not s.interpret
+    # Hand-offs: each consumer releases K and V ring slots to the producer; the
+    # consumers pass the tensor cores to each other (`turn[w]`: warpgroup w's go).
+    families = [(stages, 2, 1), (stages, 2, 1), (2, 1, 1)]
 
     def kernel(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
         score_refs = refs[:n_score]
@@ -95,10 +102,10 @@ def forward(
         lengths = (s.lq if q_ragged else None, s.lkv if kv_ragged else None)
         score_tiles = ModTiles(score_mod, score_refs, (bq, bkv), "q", lengths)
         mask_tiles = ModTiles(mask_mod, mask_refs, (bq, bkv), "q", lengths)
-        smem, barriers, consumed, schedule = scoped
+        smem, barriers, signal_bars = scoped
         q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
-        k_consumed, v_consumed = consumed
+        k_released, v_released, turn = make_signals(named, families, signal_bars)
 
         h = lax.axis_index("heads")
         qi = mq - 1 - lax.axis_index("q")  # heaviest (last) query blocks first
@@ -108,10 +115,6 @@ def forward(
         mh = h if mask_h > 1 else 0
         n_full = counts_ref[mb, mh, qi, 0]
         n_all = counts_ref[mb, mh, qi, 1]
-
-        def schedule_barrier():
-            plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(schedule)
 
         @pl.when(wg < 2)
         def _consumer():
@@ -135,7 +138,7 @@ def forward(
             def _():
                 plgpu.barrier_wait(k_barriers.at[0])
 
-            pl.when(wg == 1)(schedule_barrier)
+            pl.when(wg == 1)(lambda: turn.wait(1))  # warpgroup 0 goes first
 
             def step(t, carry, *, apply_mask: bool):
                 acc, m_i, l_i = carry
@@ -145,11 +148,11 @@ def forward(
 
                 def compute_qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
-                    schedule_barrier()
+                    turn.arrive(1 - wg)  # the other's P·V may start
                     return acc_ref[...]
 
                 sc = pl.run_scoped(compute_qk, plgpu.ACC((bq, bkv), jnp.float32))
-                plgpu.barrier_arrive(k_consumed.at[slot])
+                k_released.arrive(slot)
                 if score_mod is None:
                     sc = sc * (s.scale * LOG2_E)
                 else:
@@ -166,9 +169,8 @@ def forward(
                 p16 = p.astype(dtype)
 
                 def end_softmax_barriers():
-                    plgpu.barrier_arrive(schedule)  # softmax done
                     plgpu.barrier_wait(v_barriers.at[slot])
-                    plgpu.barrier_wait(schedule)  # tensor cores free
+                    turn.wait(wg)  # the other's Q·Kᵀ is issued
 
                 if s.dv <= 128:
                     l_i = l_i + p.sum(axis=1)
@@ -189,11 +191,11 @@ def forward(
 
                 p_smem = None if p_smem2 is None else p_smem2.at[wg]
                 acc = accumulate_mma(acc, p16, v_smem.at[slot], p_smem, wait_next_k)
-                plgpu.barrier_arrive(v_consumed.at[slot])
+                v_released.arrive(slot)
                 return acc, m_i, l_i
 
             acc, m_i, l_i = sweep(step, n_full, n_all, (acc, m_i, l_i))
-            pl.when(wg == 0)(schedule_barrier)
+            pl.when(wg == 0)(lambda: turn.arrive(1))  # warpgroup 1's last go
 
             out, lse2 = softmax_finish(acc, l_i, m_i, jnp.log2)
             o_smem = (q_smem2 if o_smem2 is None else o_smem2).at[wg]
@@ -215,7 +217,7 @@ def forward(
                 (k_ref, v_ref),
                 (k_smem, v_smem),
                 (k_barriers, v_barriers),
-                (k_consumed, v_consumed),
+                (k_released, v_released),
                 n_all,
                 stages,
             )
@@ -249,8 +251,7 @@ def forward(
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=2),
             ),
-            (plgpu.Barrier(num_arrivals=2, num_barriers=stages),) * 2,
-            plgpu.Barrier(num_arrivals=2),
+            signal_scratch(named, families),
             collective_axes="wg",
         )
 
@@ -265,7 +266,7 @@ def forward(
         grid_names=("heads", "q", "batch"),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=compiler_params(named),
         **interpret_params(s.interpret),
     )(q, k, v, counts, blocks, *score_tables, *mask_tables)
 

@@ -11,6 +11,8 @@ evaluates the mod (or its VJP) elementwise.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -159,11 +161,6 @@ def apply_keep(s, keep):
     return s + jnp.where(keep, 0.0, -jnp.inf)
 
 
-def tile_sum(x):
-    """Sum of a tile, one axis at a time (two-axis reductions don't lower)."""
-    return jnp.sum(jnp.sum(x, axis=1), axis=0)
-
-
 def accumulate_mma(acc, a, b_ref, a_smem=None, during=None):
     """`acc + a @ b_ref` on the tensor cores (`a` in registers, `b_ref` in shared
     memory), running `during()` while the wgmma is in flight.
@@ -211,39 +208,148 @@ def sweep(step, n_full, n_all, carry):
     return lax.fori_loop(n_full, n_all, lambda t, c: step(t, c, apply_mask=True), carry)
 
 
-def produce(fetch, n_all, stages: int, consumed_barriers):
-    """The producer warpgroup's loop: fill the ring, then refill each slot once both
-    consumers released it; finally observe the last release of every slot used (so
-    each barrier ends in a completed phase)."""
+FIRST_NAMED_BARRIER = 4  # 0 is the CTA's barrier, 1-3 Mosaic GPU's per warpgroup
+NAMED_BARRIERS = 16  # per CTA, on sm90
+
+
+def _named_barrier(op: str, barrier_id, threads: int) -> None:
+    """PTX `bar.{op}` ("arrive" or "sync") on hardware barrier `barrier_id` (a
+    Python int or a traced int32 scalar), completed by `threads` threads."""
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import llvm
+
+    void = lambda: ir.Type.parse("!llvm.void")
+    if isinstance(barrier_id, int):
+
+        @plgpu.inline_mgpu()
+        def static(_):
+            asm = f"bar.{op} {barrier_id}, {threads};"
+            llvm.inline_asm(void(), [], asm, "", has_side_effects=True)
+
+        static()
+    else:
+
+        @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WG_SPLAT,))
+        def dynamic(_, idx):
+            asm = f"bar.{op} $0, {threads};"
+            args = [idx.registers[()]]
+            llvm.inline_asm(void(), args, asm, "r", has_side_effects=True)
+
+        dynamic(barrier_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class Signals:
+    """`n` one-way hand-offs inside a CTA: a party of `arrivals` warpgroups arrives
+    on signal `i` (without waiting) and `waiters` warpgroups wait for it.
+
+    On the GPU these are hardware named barriers (`bar.arrive` / `bar.sync`, ids from
+    `first_id`): no shared-memory traffic. The interpreter has none, so there
+    `mbarriers` (allocated by `Signals.scratch`) stand in.
+
+    The parties must alternate: the arrivals for signal `i` may not run ahead of its
+    waiters by a whole round.
+    """
+
+    n: int
+    arrivals: int
+    waiters: int
+    first_id: int = -1
+    mbarriers: object = None
+
+    @staticmethod
+    def scratch(named: bool, n: int, arrivals: int):
+        """The scoped allocation an mbarrier-backed `Signals` needs (None if named)."""
+        return None if named else plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
+
+    def _id(self, i):
+        if isinstance(i, int):
+            return self.first_id + i
+        return jnp.asarray(i, jnp.int32) + jnp.int32(self.first_id)
+
+    @property
+    def _threads(self) -> int:
+        return 128 * (self.arrivals + self.waiters)
+
+    def arrive(self, i) -> None:
+        if self.mbarriers is None:
+            _named_barrier("arrive", self._id(i), self._threads)
+        else:
+            plgpu.barrier_arrive(self.mbarriers.at[i])
+
+    def wait(self, i) -> None:
+        if self.mbarriers is None:
+            _named_barrier("sync", self._id(i), self._threads)
+        else:
+            plgpu.barrier_wait(self.mbarriers.at[i])
+
+
+def make_signals(named: bool, families, mbarriers) -> list[Signals]:
+    """`Signals` for `families = [(n, arrivals, waiters), ...]`: consecutive named
+    barrier ids, or the scoped `mbarriers` (one per family, from
+    `Signals.scratch`)."""
+    out, first = [], FIRST_NAMED_BARRIER
+    for (n, arrivals, waiters), bars in zip(families, mbarriers):
+        if named:
+            out.append(Signals(n, arrivals, waiters, first_id=first))
+            first += n
+        else:
+            out.append(Signals(n, arrivals, waiters, mbarriers=bars))
+    if first > NAMED_BARRIERS:
+        raise ValueError(
+            f"{first - FIRST_NAMED_BARRIER} named barriers needed, "
+            f"{NAMED_BARRIERS - FIRST_NAMED_BARRIER} available"
+        )
+    return out
+
+
+def signal_scratch(named: bool, families) -> tuple:
+    """The scoped allocations `make_signals` needs (Nones when named)."""
+    return tuple(Signals.scratch(named, n, a) for n, a, _ in families)
+
+
+def compiler_params(named: bool) -> plgpu.CompilerParams:
+    """The kernels' compiler parameters. With named barriers (the GPU), Pallas's
+    conservative automatic warpgroup barriers around shared-memory accesses are off:
+    no kernel reads and writes one shared-memory region from the same thread, and
+    every store the TMA reads is followed by `commit_smem`."""
+    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=named)
+
+
+def produce(fetch, n_all, stages: int, released):
+    """The producer warpgroup's loop: fill the ring, then refill each slot once the
+    consumers released it (every `Signals` of `released`); finally observe the last
+    release of every slot used (so each barrier ends in a completed phase)."""
     for i in range(stages):
         pl.when(i < n_all)(lambda i=i: fetch(jnp.int32(i), i))
 
     @pl.loop(jnp.int32(0), jnp.maximum(n_all - stages, jnp.int32(0)))
     def _(t):
         slot = lax.rem(t, jnp.int32(stages))
-        for bar in consumed_barriers:
-            plgpu.barrier_wait(bar.at[slot])
+        for signals in released:
+            signals.wait(slot)
         fetch(t + stages, slot)
 
     for i in range(stages):
 
         @pl.when(i < n_all)
         def _():
-            for bar in consumed_barriers:
-                plgpu.barrier_wait(bar.at[i])
+            for signals in released:
+                signals.wait(i)
 
 
-def produce_kv(block_at, kv_rows, refs, smem, barriers, consumed, n_all, stages):
+def produce_kv(block_at, kv_rows, refs, smem, barriers, released, n_all, stages):
     """The producer of the forward and dQ kernels: streams the K and V tiles of the
     key blocks `block_at(t)` (rows `kv_rows(block)` of `refs = (k_ref, v_ref)`) into
-    the ring `smem = (k_smem, v_smem)`, completing `barriers = (k_bars, v_bars)`."""
+    the ring `smem = (k_smem, v_smem)`, completing `barriers = (k_bars, v_bars)`, each
+    slot once `released = (k_released, v_released)` (`Signals`) let it go."""
 
     def fetch(t, slot):
         rows = kv_rows(block_at(t))
         for ref, buf, bars in zip(refs, smem, barriers):
             plgpu.copy_gmem_to_smem(ref.at[rows], buf.at[slot], bars.at[slot])
 
-    produce(fetch, n_all, stages, consumed)
+    produce(fetch, n_all, stages, released)
 
 
 def interpret_params(interpret: bool) -> dict:

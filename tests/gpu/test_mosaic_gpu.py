@@ -25,7 +25,10 @@ def _mods():
         "alibi_causal": (masks.causal_mask, score_mods.Alibi(slopes)),
         "softcap_sliding": (masks.sliding_window(200), score_mods.SoftCap(20.0)),
         "document": (fa.and_masks(masks.causal_mask, masks.document_mask(IDS)), None),
-        "head_bias_no_mask": (None, score_mods.HeadBias(jnp.linspace(-1, 1, H))),
+        "head_bias_no_mask": (
+            None,
+            score_mods.HeadBias(jnp.linspace(-1, 1, H, dtype=jnp.float32)),
+        ),
     }
 
 
@@ -122,7 +125,13 @@ def test_matches_torch_flex_attention():
     tbm = tfa.create_block_mask(
         lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, lq, lq, device="cuda"
     )
-    tout, tlse = tfa.flex_attention(tq, tk, tv, alibi, tbm, return_lse=True)
+    if hasattr(tfa, "AuxRequest"):  # torch >= 2.9; `return_lse` is deprecated
+        tout, aux = tfa.flex_attention(
+            tq, tk, tv, alibi, tbm, return_aux=tfa.AuxRequest(lse=True)
+        )
+        tlse = aux.lse
+    else:
+        tout, tlse = tfa.flex_attention(tq, tk, tv, alibi, tbm, return_lse=True)
     tout.backward(to_t(cot[0]).to(torch.bfloat16))
     from_t = lambda x: x.detach().float().cpu().numpy()
     for a, b in [
