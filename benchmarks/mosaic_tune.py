@@ -17,7 +17,7 @@ import json
 import jax
 
 from benchmarks import spec
-from benchmarks.impls import EqxFlex, Workspace
+from benchmarks.impls import _jitted, EqxFlex, Workspace
 from benchmarks.timing import measure, TimingSettings
 
 
@@ -28,6 +28,13 @@ def main() -> None:
     parser.add_argument("--cases", default="none,causal,softcap+causal,document")
     parser.add_argument("--variants", default="[{}]", help="JSON list of options")
     parser.add_argument("--label", default="")
+    parser.add_argument(
+        "--grads",
+        default="qkv",
+        choices=("qkv", "q", "kv"),
+        help="with --fwdbwd: the inputs differentiated (q: the dQ kernel only, "
+        "kv: the dK/dV kernel only)",
+    )
     args = parser.parse_args()
     settings = TimingSettings(warmup=2, iters=20, timed_seconds=1.0)
     variants = json.loads(args.variants)
@@ -44,14 +51,37 @@ def main() -> None:
                 head = f"{args.label:6s} {mode:7s} {cname:5s} {case_name:22s}"
                 head += f" {opts!s:28s}"
                 try:
-                    make = impl.make_fwdbwd if args.fwdbwd else impl.make_fwd
-                    step = make(case, config, ws)
+                    if not args.fwdbwd:
+                        step = impl.make_fwd(case, config, ws)
+                    elif args.grads == "qkv":
+                        step = impl.make_fwdbwd(case, config, ws)
+                    else:
+                        step = _partial_fwdbwd(impl, case, config, ws, args.grads)
                     t = measure(step, impl.sync, settings)
                     tflops = flop / t.median_ms / 1e9
                     ms = t.median_ms
                     print(f"{head} {ms:8.3f} ms {tflops:6.0f} TFLOP/s", flush=True)
                 except Exception as e:  # noqa: BLE001
                     print(f"{head} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+def _partial_fwdbwd(impl, case, config, ws, grads: str):
+    """Forward + the backward of `grads` ("q" or "kv") only."""
+    fn, params = impl.attention(case, config)
+    q, k, v, do = ws.jax_inputs(impl.layout)
+    argnums = (0,) if grads == "q" else (1, 2)
+
+    def step(q, k, v, params, do):
+        def f(*xs):
+            args = [q, k, v]
+            for i, x in zip(argnums, xs):
+                args[i] = x
+            return fn(*args, params)
+
+        out, vjp = jax.vjp(f, *((q, k, v)[i] for i in argnums))
+        return out, vjp(do)
+
+    return _jitted(step, params, q, k, v, do)
 
 
 if __name__ == "__main__":

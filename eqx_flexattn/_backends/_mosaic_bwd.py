@@ -29,13 +29,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import KernelMod
 from ._mosaic_mods import (
-    accumulate_mma,
     apply_keep,
     COL,
     compiler_params,
     interpret_params,
     make_signals,
-    mma,
+    mma_group,
     ModTiles,
     produce,
     produce_kv,
@@ -165,7 +164,17 @@ def dq_kernel(
                 slot = lax.rem(t, jnp.int32(stages))
                 kv0 = blocks_ref[mb, mh, qi, t] * bkv
                 plgpu.barrier_wait(k_barriers.at[slot])
-                raw = mma(q_smem, k_smem.at[slot].T, tile) * s.scale
+                plgpu.barrier_wait(v_barriers.at[slot])
+                # S = Q Kᵀ and dP = dO Vᵀ in flight together.
+                raw, dp = mma_group(
+                    [
+                        (tile, q_smem, k_smem.at[slot].T, None),
+                        (tile, do_smem, v_smem.at[slot].T, None),
+                    ],
+                    s.interpret,
+                )
+                v_released.arrive(slot)
+                raw = raw * s.scale
                 if score_mod is not None:
                     vals = score_tiles.values(b, h, kv0, score_fixed)
                     sc = score_tiles.score(raw, b, h, q0, kv0, vals) * LOG2_E
@@ -175,9 +184,6 @@ def dq_kernel(
                     mvals = mask_tiles.values(b, h, kv0, mask_fixed)
                     sc = apply_keep(sc, mask_tiles.keep(b, h, q0, kv0, mvals, kv_bound))
                 p = jnp.exp2(sc - rowwise(lse, sc))
-                plgpu.barrier_wait(v_barriers.at[slot])
-                dp = mma(do_smem, v_smem.at[slot].T, tile)
-                v_released.arrive(slot)
                 ds = p * (dp - rowwise(dlt, dp))
                 if score_mod is not None:
                     ds, dvals = score_tiles.score_vjp(
@@ -186,7 +192,9 @@ def dq_kernel(
                     sums = [
                         acc + jnp.sum(dvals[i], axis=1) for acc, i in zip(sums, grads)
                     ]
-                dq = accumulate_mma(dq, ds.astype(dtype), k_smem.at[slot], a_smem)
+                (dq,) = mma_group(
+                    [(dq, ds.astype(dtype), k_smem.at[slot], a_smem)], s.interpret
+                )
                 k_released.arrive(slot)
                 return dq, sums
 
@@ -328,7 +336,7 @@ def dkv_kernel(
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_bars.at[2 * wg + 1])
             plgpu.barrier_wait(kv_bars.at[2 * wg])
             plgpu.barrier_wait(kv_bars.at[2 * wg + 1])
-            a_smem = None if a_smem2 is None else a_smem2.at[wg]
+            a_smem = lambda i: None if a_smem2 is None else a_smem2.at[wg, i]
             dk = plgpu.layout_cast(jnp.zeros((ROWS, s.d), jnp.float32), WG)
             dv = plgpu.layout_cast(jnp.zeros((ROWS, s.dv), jnp.float32), WG)
 
@@ -338,7 +346,16 @@ def dkv_kernel(
                 h, qt = decode(t)
                 q0 = qt * ROWS
                 plgpu.barrier_wait(q_bars.at[slot])
-                raw = mma(k_smem, q_smem.at[slot].T, tile) * s.scale
+                plgpu.barrier_wait(do_bars.at[slot])
+                # Sᵀ = K Qᵀ and dPᵀ = V dOᵀ in flight together.
+                raw, dpt = mma_group(
+                    [
+                        (tile, k_smem, q_smem.at[slot].T, None),
+                        (tile, v_smem, do_smem.at[slot].T, None),
+                    ],
+                    s.interpret,
+                )
+                raw = raw * s.scale
                 if score_mod is not None:
                     fixed = score_tiles.fixed(b, h, kv0)
                     vals = score_tiles.values(b, h, q0, fixed)
@@ -352,15 +369,19 @@ def dkv_kernel(
                 plgpu.barrier_wait(lse_bars.at[slot])
                 lse = plgpu.load(lse_smem.at[slot], layout=COL)
                 pt = jnp.exp2(sc - lax.broadcast_in_dim(lse, tile, (1,)))
-                plgpu.barrier_wait(do_bars.at[slot])
-                dv = accumulate_mma(dv, pt.astype(dtype), do_smem.at[slot], a_smem)
-                dpt = mma(v_smem, do_smem.at[slot].T, tile)
                 plgpu.barrier_wait(dlt_bars.at[slot])
                 dlt = plgpu.load(dlt_smem.at[slot], layout=COL)
                 dst = pt * (dpt - lax.broadcast_in_dim(dlt, tile, (1,)))
                 if score_mod is not None:
                     dst, _ = score_tiles.score_vjp(raw, b, h, kv0, q0, vals, dst, False)
-                dk = accumulate_mma(dk, dst.astype(dtype), q_smem.at[slot], a_smem)
+                # dV += Pᵀ dO and dK += dSᵀ Q in flight together.
+                dv, dk = mma_group(
+                    [
+                        (dv, pt.astype(dtype), do_smem.at[slot], a_smem(0)),
+                        (dk, dst.astype(dtype), q_smem.at[slot], a_smem(1)),
+                    ],
+                    s.interpret,
+                )
                 released.arrive(slot)
                 return dk, dv
 
@@ -402,7 +423,7 @@ def dkv_kernel(
             plgpu.SMEM((stages, ROWS, s.dv), dtype, transforms=_transforms()),
             plgpu.SMEM((stages, ROWS), jnp.float32),
             plgpu.SMEM((stages, ROWS), jnp.float32),
-            plgpu.SMEM((2, ROWS, ROWS), dtype, transforms=_transforms())
+            plgpu.SMEM((2, 2, ROWS, ROWS), dtype, transforms=_transforms())
             if s.interpret
             else None,
         ]

@@ -161,32 +161,62 @@ def apply_keep(s, keep):
     return s + jnp.where(keep, 0.0, -jnp.inf)
 
 
-def accumulate_mma(acc, a, b_ref, a_smem=None, during=None):
-    """`acc + a @ b_ref` on the tensor cores (`a` in registers, `b_ref` in shared
-    memory), running `during()` while the wgmma is in flight.
+def mma_group(products, interpret: bool, during=None) -> tuple:
+    """`acc + a @ b_ref` for every `(acc, a, b_ref, a_smem)` of `products` on the
+    tensor cores: the wgmmas are issued back to back and waited for once, running
+    `during()` while they are in flight. `acc` is a float32 tile, or a shape for a
+    fresh (zero) one; `a` is a shared-memory ref or a register tile, `b_ref` a
+    shared-memory ref; `a_smem` is None, or (interpret mode, register `a`) a
+    shared-memory buffer for `a`.
 
-    On the GPU the wgmma accumulates into `acc` in place. The interpreter runs
-    neither a register operand nor an initialised accumulator: given `a_smem`, `a`
-    goes through shared memory into a fresh accumulator instead.
+    On the GPU the wgmmas accumulate into `acc` in place. The interpreter runs
+    neither register operands nor initialised accumulators: there a register `a`
+    goes through its `a_smem` buffer into a fresh accumulator, added afterwards.
     """
-    if a_smem is None:
+    fresh = [isinstance(acc, tuple) for acc, *_ in products]
+    shapes = [acc if f else acc.shape for f, (acc, *_) in zip(fresh, products)]
+    if not interpret:
+        inits = tuple(
+            plgpu.ACC.init(
+                plgpu.layout_cast(jnp.zeros(shape, jnp.float32), WG) if f else acc
+            )
+            for f, shape, (acc, *_) in zip(fresh, shapes, products)
+        )
 
-        def compute(acc_ref):
-            plgpu.wgmma(acc_ref, a, b_ref)
+        def compute(refs):
+            for ref, (_, a, b_ref, _) in zip(refs, products):
+                plgpu.wgmma(ref, a, b_ref)
             if during is not None:
                 during()
 
-        return pl.run_state(compute)(plgpu.ACC.init(acc))
-    a_smem[...] = a
+        return tuple(pl.run_state(compute)(inits))
+
+    operands = []
+    for _, a, _, a_smem in products:
+        if a_smem is not None:
+            a_smem[...] = a
+            operands.append(a_smem)
+        else:
+            operands.append(a)
     plgpu.commit_smem()
 
-    def compute_fresh(acc_ref):
-        plgpu.wgmma(acc_ref, a_smem, b_ref)
+    def compute_fresh(*refs):
+        for ref, a, (_, _, b_ref, _) in zip(refs, operands, products):
+            plgpu.wgmma(ref, a, b_ref)
         if during is not None:
             during()
-        return acc_ref[...]
+        return tuple(ref[...] for ref in refs)
 
-    return acc + pl.run_scoped(compute_fresh, plgpu.ACC(acc.shape, jnp.float32))
+    out = pl.run_scoped(
+        compute_fresh, *(plgpu.ACC(shape, jnp.float32) for shape in shapes)
+    )
+    return tuple(o if f else acc + o for f, o, (acc, *_) in zip(fresh, out, products))
+
+
+def accumulate_mma(acc, a, b_ref, a_smem=None, during=None):
+    """`acc + a @ b_ref` (`a` in registers); `a_smem` given in interpret mode only
+    (see `mma_group`)."""
+    return mma_group([(acc, a, b_ref, a_smem)], a_smem is not None, during)[0]
 
 
 def mma(a_ref, b_ref, shape):

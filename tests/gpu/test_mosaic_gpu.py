@@ -92,6 +92,7 @@ def test_parameter_gradients_are_bitwise_deterministic():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_matches_torch_flex_attention():
     """Same inputs, same mods: outputs, lse and gradients (learnable ALiBi slopes
     included) against torch.nn.attention.flex_attention."""
