@@ -5,11 +5,12 @@ on the same (upcast) inputs, for every mask and score mod the kernel takes, ragg
 lengths, GQA, Dv != D and fully masked rows. Prints one line per case and a summary;
 exits non-zero on a failure.
 
-    python -m benchmarks.mosaic_check [--gradients-only]
+    python -m benchmarks.mosaic_check [--gradients-only] [--options JSON]
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 
@@ -68,6 +69,7 @@ def _case(
         )
 
     t0 = time.perf_counter()
+    opts = {**EXTRA_OPTIONS, **(opts or {})}
     out, lse = jax.jit(lambda q, k, v: run(q, k, v, "mosaic", opts))(q, k, v)
     out = np.asarray(out.astype(jnp.float32))
     lse = np.asarray(lse)
@@ -141,9 +143,16 @@ def grad_case(
         return False
 
 
+EXTRA_OPTIONS: dict = {}  # `--options JSON`: mosaic options for every forward case
+
+
 def main() -> int:
-    """`--gradients-only` skips the forward cases."""
-    print(jax.devices()[0].device_kind, jax.__version__, flush=True)
+    """`--gradients-only` skips the forward cases; `--options '{"persistent": true}'`
+    adds mosaic kernel options to every forward case."""
+    args = sys.argv[1:]
+    if "--options" in args:
+        EXTRA_OPTIONS.update(json.loads(args[args.index("--options") + 1]))
+    print(jax.devices()[0].device_kind, jax.__version__, EXTRA_OPTIONS, flush=True)
     case = _forward_case
     if "--gradients-only" in sys.argv[1:]:
         case = lambda *args, **kwargs: None  # noqa: E731

@@ -29,7 +29,7 @@ def _inputs(key, b, hq, hkv, lq, lkv, d, dv, dtype):
     return q, k, v
 
 
-def _compare(q, k, v, score_mod, block_mask, tol):
+def _compare(q, k, v, score_mod, block_mask, tol, options=None):
     """mosaic (low precision, interpreted) against reference (float32 on the same
     rounded inputs): output, lse, fully masked rows."""
     gqa = q.shape[1] != k.shape[1]
@@ -42,7 +42,7 @@ def _compare(q, k, v, score_mod, block_mask, tol):
         enable_gqa=gqa,
         return_lse=True,
         backend="mosaic",
-        kernel_options=INTERPRET,
+        kernel_options={"mosaic": {**INTERPRET["mosaic"], **(options or {})}},
     )
     assert out.dtype == q.dtype and lse.dtype == jnp.float32
     f32 = lambda x: x.astype(jnp.float32)
@@ -157,6 +157,39 @@ def test_forward_matches_reference(case, getkey):
         bm = fa.create_block_mask(mask_mod, mb, mh, lq, lkv)
     tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3
     _compare(q, k, v, score_mod, bm, tol)
+
+
+PERSISTENT_CASES = [
+    CASES[0],
+    CASES[1],
+    (
+        "empty_query_blocks",
+        1,
+        3,
+        1,
+        384,
+        256,
+        64,
+        64,
+        jnp.bfloat16,
+        lambda b, h, q, kv: (q >= 128 * h) & (kv <= q),
+        None,
+        (None, 3),
+    ),
+]
+
+
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=[c[0] for c in PERSISTENT_CASES])
+def test_persistent_forward_matches_reference(case, getkey):
+    """The persistent forward: a few programs walk all tiles (unequal shares, tiles
+    with empty block lists), the K/V ring and barriers carrying on across tiles."""
+    _, b, hq, hkv, lq, lkv, d, dv, dtype, mask_mod, score_mod, (mb, mh) = case
+    q, k, v = _inputs(getkey(), b, hq, hkv, lq, lkv, d, dv, dtype)
+    bm = None
+    if mask_mod is not None:
+        bm = fa.create_block_mask(mask_mod, mb, mh, lq, lkv)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3
+    _compare(q, k, v, score_mod, bm, tol, {"persistent": True})
 
 
 def test_mask_at_another_block_size(getkey):
@@ -325,6 +358,11 @@ LOWERED = {
         dtype=jnp.float16,
     ),
     "ragged_gqa": dict(mask_mod=masks.causal_mask, lq=1000, lkv=1000, hkv=1),
+    "persistent_causal_4_stages": dict(
+        mask_mod=masks.causal_mask,
+        opts={"mosaic": {"persistent": True, "num_stages": 4}},
+        d=64,
+    ),
     # At D=256 the kernel tiles keys by 64; a mask built at 128 is converted by
     # `at_block_size`, whose index checks (`eqx.error_if`) lower for the CPU only,
     # so this mask is built at the kernel's tiles (the conversion is tested above).
@@ -439,6 +477,7 @@ def test_options():
     )
     cfg = BACKENDS["mosaic"].config(problem)
     assert (cfg.block_kv, cfg.num_stages, cfg.interpret) == (64, 3, True)
+    assert not cfg.persistent
 
 
 def test_named_barriers_are_counted():

@@ -32,6 +32,7 @@ from ._mosaic_mods import (
     apply_keep,
     COL,
     compiler_params,
+    drain,
     interpret_params,
     make_signals,
     mma_group,
@@ -223,6 +224,7 @@ def dq_kernel(
                 n_all,
                 stages,
             )
+            drain(n_all, stages, (k_released, v_released))
 
     def entry(*refs):
         smem = [
@@ -414,6 +416,7 @@ def dkv_kernel(
                 )
 
             produce(fetch, n_all, stages, (released,))
+            drain(n_all, stages, (released,))
 
     def entry(*refs):
         smem = [

@@ -28,6 +28,7 @@ from ._mosaic_mods import (
     accumulate_mma,
     apply_keep,
     compiler_params,
+    drain,
     interpret_params,
     make_signals,
     ModTiles,
@@ -56,6 +57,7 @@ class ForwardShape:
     num_stages: int
     scale: float
     interpret: bool
+    programs: int = 0  # persistent programs (0: one program per tile)
 
     @property
     def groups(self) -> int:
@@ -91,8 +93,34 @@ def forward(
     kv_ragged = s.lkv_pad != s.lkv
     named = not s.interpret
     # Hand-offs: each consumer releases K and V ring slots to the producer; the
-    # consumers pass the tensor cores to each other (`turn[w]`: warpgroup w's go).
-    families = [(stages, 2, 1), (stages, 2, 1), (2, 1, 1)]
+    # consumers pass the tensor cores to each other (`turn[w]`: warpgroup w's go)
+    # and, in a persistent kernel, meet between tiles (`meet[w]`: w may go on).
+    families = [(stages, 2, 1), (stages, 2, 1), (2, 1, 1), (2, 1, 1)]
+
+    n_tiles = s.hq * mq * s.b
+    persistent = s.programs > 0
+    n_programs = min(s.programs, n_tiles)
+
+    def tile_at(k):
+        """(head, query block, batch) of the program's `k`-th tile, heaviest (last)
+        query blocks first. A persistent program takes every `programs`-th tile."""
+        if not persistent:
+            h, r, b = (lax.axis_index(n) for n in ("heads", "q", "batch"))
+            return h, mq - 1 - r, b
+        item = lax.axis_index("programs") + k * n_programs
+        h = lax.rem(item, jnp.int32(s.hq))
+        rest = lax.div(item, jnp.int32(s.hq))
+        b = lax.rem(rest, jnp.int32(s.b))
+        return h, mq - 1 - lax.div(rest, jnp.int32(s.b)), b
+
+    def for_each_tile(body):
+        """`body(k, steps) -> steps` over the program's tiles, `steps` counting the
+        K/V blocks streamed so far (the ring continues across tiles); returns it."""
+        if not persistent:
+            return body(0, 0)
+        pid = lax.axis_index("programs")
+        n_mine = lax.div(n_tiles - 1 - pid, jnp.int32(n_programs)) + 1
+        return lax.fori_loop(jnp.int32(0), n_mine, body, jnp.int32(0))
 
     def kernel(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
         score_refs = refs[:n_score]
@@ -105,27 +133,28 @@ def forward(
         smem, barriers, signal_bars = scoped
         q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
-        k_released, v_released, turn = make_signals(named, families, signal_bars)
-
-        h = lax.axis_index("heads")
-        qi = mq - 1 - lax.axis_index("q")  # heaviest (last) query blocks first
-        b = lax.axis_index("batch")
+        k_released, v_released, turn, meet = make_signals(named, families, signal_bars)
         wg = lax.axis_index("wg")
-        mb = b if mask_b > 1 else 0
-        mh = h if mask_h > 1 else 0
-        n_full = counts_ref[mb, mh, qi, 0]
-        n_all = counts_ref[mb, mh, qi, 1]
 
-        @pl.when(wg < 2)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-            q_smem = q_smem2.at[wg]
+        def block_list(k):
+            h, qi, b = tile_at(k)
+            mb = b if mask_b > 1 else 0
+            mh = h if mask_h > 1 else 0
+            n_full = counts_ref[mb, mh, qi, 0]
+            n_all = counts_ref[mb, mh, qi, 1]
+            return (h, qi, b), n_full, n_all, lambda t: blocks_ref[mb, mh, qi, t]
+
+        def ring_slot(i):
+            return i % stages if isinstance(i, int) else lax.rem(i, jnp.int32(stages))
+
+        def consume_tile(k, steps, q_smem):
+            (h, qi, b), n_full, n_all, block_at = block_list(k)
             q0 = qi * (2 * bq) + wg * bq
             plgpu.copy_gmem_to_smem(
                 q_ref.at[b, h, pl.ds(q0, bq)], q_smem, q_barriers.at[wg]
             )
-            # Hoisted mod tables: per-program scalars and query-block slices are
-            # read once; key-block slices at every step.
+            # Hoisted mod tables: per-tile scalars and query-block slices are read
+            # once; key-block slices at every step.
             score_static = score_tiles.fixed(b, h, q0)
             mask_static = mask_tiles.fixed(b, h, q0)
             plgpu.barrier_wait(q_barriers.at[wg])
@@ -136,15 +165,19 @@ def forward(
 
             @pl.when(n_all > 0)
             def _():
-                plgpu.barrier_wait(k_barriers.at[0])
+                plgpu.barrier_wait(k_barriers.at[ring_slot(steps)])
 
+            if persistent:
+                # Both consumers are done with the previous tile's turns (warpgroup
+                # 0's last go must reach warpgroup 1 before its next Q·Kᵀ does).
+                meet.arrive(1 - wg)
+                meet.wait(wg)
             pl.when(wg == 1)(lambda: turn.wait(1))  # warpgroup 0 goes first
 
             def step(t, carry, *, apply_mask: bool):
                 acc, m_i, l_i = carry
-                slot = lax.rem(t, jnp.int32(stages))
-                blk = blocks_ref[mb, mh, qi, t]
-                kv0 = blk * bkv
+                slot = ring_slot(steps + t)
+                kv0 = block_at(t) * bkv
 
                 def compute_qk(acc_ref):
                     plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
@@ -181,13 +214,9 @@ def forward(
                     l_i = l_i + p.sum(axis=1)
 
                 def wait_next_k():
-                    nxt = t + 1
-
-                    @pl.when(nxt < n_all)
+                    @pl.when(t + 1 < n_all)
                     def _():
-                        plgpu.barrier_wait(
-                            k_barriers.at[lax.rem(nxt, jnp.int32(stages))]
-                        )
+                        plgpu.barrier_wait(k_barriers.at[ring_slot(steps + t + 1)])
 
                 p_smem = None if p_smem2 is None else p_smem2.at[wg]
                 acc = accumulate_mma(acc, p16, v_smem.at[slot], p_smem, wait_next_k)
@@ -205,22 +234,39 @@ def forward(
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, h, pl.ds(q0, bq)])
             plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[b, h, pl.ds(q0, bq)])
+            # The next tile's Q (and lse) may overwrite the buffers once read.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            return steps + n_all
+
+        # Decorated functions run where they are defined: the tile bodies come first.
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(232, action="increase")
+            q_smem = q_smem2.at[wg]
+            for_each_tile(lambda k, steps: consume_tile(k, steps, q_smem))
             plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == 2)
         def _producer():
             plgpu.set_max_registers(40, action="decrease")
-            kvh = lax.div(h, jnp.array(s.groups, h.dtype))
-            produce_kv(
-                lambda t: blocks_ref[mb, mh, qi, t],
-                lambda blk: (b, kvh, pl.ds(blk * bkv, bkv)),
-                (k_ref, v_ref),
-                (k_smem, v_smem),
-                (k_barriers, v_barriers),
-                (k_released, v_released),
-                n_all,
-                stages,
-            )
+
+            def produce_tile(k, steps):
+                (h, _, b), _, n_all, block_at = block_list(k)
+                kvh = lax.div(h, jnp.array(s.groups, h.dtype))
+                produce_kv(
+                    block_at,
+                    lambda blk: (b, kvh, pl.ds(blk * bkv, bkv)),
+                    (k_ref, v_ref),
+                    (k_smem, v_smem),
+                    (k_barriers, v_barriers),
+                    (k_released, v_released),
+                    n_all,
+                    stages,
+                    steps,
+                )
+                return steps + n_all
+
+            drain(for_each_tile(produce_tile), stages, (k_released, v_released))
 
     def entry(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
         tiling = plgpu.TilingTransform((8, 64))
@@ -259,11 +305,15 @@ def forward(
         jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad, s.dv), dtype),
         jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad), jnp.float32),
     )
+    if persistent:
+        grid, grid_names = (n_programs,), ("programs",)
+    else:
+        grid, grid_names = (s.hq, mq, s.b), ("heads", "q", "batch")
     return plgpu.kernel(
         entry,
         out_type=out_type,
-        grid=(s.hq, mq, s.b),
-        grid_names=("heads", "q", "batch"),
+        grid=grid,
+        grid_names=grid_names,
         num_threads=3,
         thread_name="wg",
         compiler_params=compiler_params(named),

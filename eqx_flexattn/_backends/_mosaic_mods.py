@@ -346,29 +346,39 @@ def compiler_params(named: bool) -> plgpu.CompilerParams:
     return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=named)
 
 
-def produce(fetch, n_all, stages: int, released):
-    """The producer warpgroup's loop: fill the ring, then refill each slot once the
-    consumers released it (every `Signals` of `released`); finally observe the last
-    release of every slot used (so each barrier ends in a completed phase)."""
-    for i in range(stages):
-        pl.when(i < n_all)(lambda i=i: fetch(jnp.int32(i), i))
+def produce(fetch, n_all, stages: int, released, steps=0):
+    """The producer warpgroup's loop over one block list: `fetch(t, slot)` for
+    `t < n_all` into ring slot `(steps + t) % stages`, `steps` being the blocks
+    streamed before (a persistent kernel's earlier tiles); a slot is refilled once
+    the consumers released it (every `Signals` of `released`)."""
 
-    @pl.loop(jnp.int32(0), jnp.maximum(n_all - stages, jnp.int32(0)))
+    @pl.loop(jnp.int32(0), n_all)
     def _(t):
-        slot = lax.rem(t, jnp.int32(stages))
-        for signals in released:
-            signals.wait(slot)
-        fetch(t + stages, slot)
+        step = steps + t
+        slot = lax.rem(step, jnp.int32(stages))
 
+        @pl.when(step >= stages)
+        def _():
+            for signals in released:
+                signals.wait(slot)
+
+        fetch(t, slot)
+
+
+def drain(total, stages: int, released) -> None:
+    """The producer's last act: observe the last release of every slot used by the
+    `total` blocks streamed (so each barrier ends in a completed phase)."""
     for i in range(stages):
 
-        @pl.when(i < n_all)
+        @pl.when(i < total)
         def _():
             for signals in released:
                 signals.wait(i)
 
 
-def produce_kv(block_at, kv_rows, refs, smem, barriers, released, n_all, stages):
+def produce_kv(
+    block_at, kv_rows, refs, smem, barriers, released, n_all, stages, steps=0
+):
     """The producer of the forward and dQ kernels: streams the K and V tiles of the
     key blocks `block_at(t)` (rows `kv_rows(block)` of `refs = (k_ref, v_ref)`) into
     the ring `smem = (k_smem, v_smem)`, completing `barriers = (k_bars, v_bars)`, each
@@ -379,7 +389,7 @@ def produce_kv(block_at, kv_rows, refs, smem, barriers, released, n_all, stages)
         for ref, buf, bars in zip(refs, smem, barriers):
             plgpu.copy_gmem_to_smem(ref.at[rows], buf.at[slot], bars.at[slot])
 
-    produce(fetch, n_all, stages, released)
+    produce(fetch, n_all, stages, released, steps)
 
 
 def interpret_params(interpret: bool) -> dict:

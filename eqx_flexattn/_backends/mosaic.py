@@ -46,12 +46,16 @@ class MosaicConfig(AbstractConfig):
     - `num_stages`: depth of the K/V shared-memory ring, 2 to 4 (default 2; shared
         memory limits it: at D=128 and `block_kv=128` only 2 fit). PyTorch's
         `num_stages` sets it.
+    - `persistent`: run the forward as a persistent kernel, one program per SM
+        walking its share of the query tiles (heaviest first) with the K/V ring
+        streaming on across tiles, instead of one program per tile (default False).
     - `interpret`: run in the Pallas Mosaic GPU interpreter (on CPU, for tests).
     """
 
     block_q: int = eqx.field(static=True, default=64)
     block_kv: int | None = eqx.field(static=True, default=None)
     num_stages: int = eqx.field(static=True, default=2)
+    persistent: bool = eqx.field(static=True, default=False)
     interpret: bool = eqx.field(static=True, default=False)
 
     torch_names = {"BLOCK_N": "block_kv", "num_stages": "num_stages"}
@@ -72,12 +76,26 @@ class MosaicConfig(AbstractConfig):
                 "mosaic backend: kernel_options['num_stages'] must be 2, 3 or 4, got "
                 f"{self.num_stages!r}."
             )
+        check_bool("mosaic", "persistent", self.persistent)
         check_bool("mosaic", "interpret", self.interpret)
 
     def kv_tile(self, head_dim: int) -> int:
         if self.block_kv is not None:
             return self.block_kv
         return 128 if head_dim <= 128 else 64
+
+
+INTERPRET_PROGRAMS = 3  # persistent programs in the interpreter (each takes several)
+
+
+def _programs(cfg: MosaicConfig) -> int:
+    """Programs of a persistent forward: one per SM (0: not persistent)."""
+    if not cfg.persistent:
+        return 0
+    if cfg.interpret:
+        return INTERPRET_PROGRAMS
+    # Lowering for the GPU on a host without one (tests): an H100/H200's SM count.
+    return int(getattr(jax.devices()[0], "core_count", None) or 132)
 
 
 def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
@@ -206,7 +224,9 @@ class MosaicBackend(AbstractBackend):
             sizes[n] for n in ("lq_pad", "lkv_pad", "d", "dv")
         )
         bkv = sizes["block_kv"]
-        shape = _mosaic_fwd.ForwardShape(**sizes, block_q=cfg.block_q)
+        shape = _mosaic_fwd.ForwardShape(
+            **sizes, block_q=cfg.block_q, programs=_programs(cfg)
+        )
         counts, blocks = _block_lists(
             problem, _mosaic_fwd.tile_rows(cfg.block_q), bkv, lkv_pad != lkv
         )
