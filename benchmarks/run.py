@@ -177,6 +177,8 @@ def make_settings(args: argparse.Namespace) -> tuple[str, Settings]:
     shares = preset.shares
     if shares is None or len(shares) != len(entries) + 1:
         shares = (1.0,) * (len(entries) + 1)
+    if args.no_mask_bench:  # the masks' share goes to the configs
+        shares = (*shares[:-1], 0.0)
     start = time.monotonic()
     cumulative, deadlines = 0.0, []
     for share in shares:
