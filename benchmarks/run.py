@@ -48,6 +48,7 @@ import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import fnmatch  # noqa: E402
 import platform  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -487,6 +488,40 @@ def build_meta(argv, preset_name: str, settings: Settings, env, unavailable) -> 
     return meta
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_plan(settings, impls, unavailable, results, console, n_tasks, torch_ok, out):
+    """Every step of the plan, then the mask benchmark; results are written to
+    `--out` after each config."""
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("benchmarks", total=n_tasks)
+        for step, deadline in zip(settings.plan, settings.deadlines):
+            run_config(
+                step.config,
+                step.cases,
+                matching(impls, step.impls),
+                unavailable,
+                settings,
+                deadline,
+                results,
+                progress,
+                task,
+            )
+            report.write_all(results.as_dict(), out)
+        if settings.mask_lengths:
+            run_mask_bench(
+                settings, results, progress, task, settings.deadlines[-1], torch_ok
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     console = Console()
@@ -516,31 +551,13 @@ def main(argv: list[str] | None = None) -> int:
         markup=False,
     )
     started = time.monotonic()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
-        task = progress.add_task("benchmarks", total=n_tasks)
-        for step, deadline in zip(settings.plan, settings.deadlines):
-            run_config(
-                step.config,
-                step.cases,
-                matching(impls, step.impls),
-                unavailable,
-                settings,
-                deadline,
-                results,
-                progress,
-                task,
-            )
-            report.write_all(results.as_dict(), args.out)
-        if settings.mask_lengths:
-            run_mask_bench(
-                settings, results, progress, task, settings.deadlines[-1], torch_ok
-            )
+    signal.signal(signal.SIGTERM, _interrupt)  # `timeout`: keep what was measured
+    try:
+        _run_plan(
+            settings, impls, unavailable, results, console, n_tasks, torch_ok, args.out
+        )
+    except KeyboardInterrupt:
+        meta.setdefault("notes", []).append("interrupted: the results measured so far")
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
     paths = report.write_all(results.as_dict(), args.out)
     report.print_tables(results.as_dict(), console)
