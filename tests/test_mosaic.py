@@ -148,15 +148,19 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_forward_matches_reference(case, getkey):
+def _compare_case(case, key, options=None):
     _, b, hq, hkv, lq, lkv, d, dv, dtype, mask_mod, score_mod, (mb, mh) = case
-    q, k, v = _inputs(getkey(), b, hq, hkv, lq, lkv, d, dv, dtype)
+    q, k, v = _inputs(key, b, hq, hkv, lq, lkv, d, dv, dtype)
     bm = None
     if mask_mod is not None:
         bm = fa.create_block_mask(mask_mod, mb, mh, lq, lkv)
     tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3
-    _compare(q, k, v, score_mod, bm, tol)
+    _compare(q, k, v, score_mod, bm, tol, options)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_forward_matches_reference(case, getkey):
+    _compare_case(case, getkey())
 
 
 PERSISTENT_CASES = [
@@ -183,13 +187,7 @@ PERSISTENT_CASES = [
 def test_persistent_forward_matches_reference(case, getkey):
     """The persistent forward: a few programs walk all tiles (unequal shares, tiles
     with empty block lists), the K/V ring and barriers carrying on across tiles."""
-    _, b, hq, hkv, lq, lkv, d, dv, dtype, mask_mod, score_mod, (mb, mh) = case
-    q, k, v = _inputs(getkey(), b, hq, hkv, lq, lkv, d, dv, dtype)
-    bm = None
-    if mask_mod is not None:
-        bm = fa.create_block_mask(mask_mod, mb, mh, lq, lkv)
-    tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3
-    _compare(q, k, v, score_mod, bm, tol, {"persistent": True})
+    _compare_case(case, getkey(), {"persistent": True})
 
 
 def test_mask_at_another_block_size(getkey):

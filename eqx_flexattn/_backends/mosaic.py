@@ -48,7 +48,8 @@ class MosaicConfig(AbstractConfig):
         `num_stages` sets it.
     - `persistent`: run the forward as a persistent kernel, one program per SM
         walking its share of the query tiles (heaviest first) with the K/V ring
-        streaming on across tiles, instead of one program per tile (default False).
+        streaming on across tiles, instead of one program per tile (default False:
+        on an H200 it measured 3-16% slower, see `benchmarks/notes`).
     - `interpret`: run in the Pallas Mosaic GPU interpreter (on CPU, for tests).
     """
 
