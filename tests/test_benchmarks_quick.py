@@ -118,3 +118,19 @@ def test_torch_mods_match_eqx_mods(case):
         warnings.simplefilter("ignore")
         theirs = flex.make_fwd(case, config, ws)().numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize("mask_bench", [True, False])
+def test_time_budget_shares(mask_bench):
+    """`--max-minutes` splits evenly between the configs and the mask benchmark; with
+    `--no-mask-bench` the configs get all of it."""
+    from benchmarks import run
+
+    argv = ["--configs", "tiny,tiny-gqa", "--max-minutes", "1"]
+    argv += [] if mask_bench else ["--no-mask-bench"]
+    _, settings = run.make_settings(run.parse_args(argv))
+    first, last_config, masks = settings.deadlines
+    start = masks - 60.0
+    expected = (20.0, 40.0, 60.0) if mask_bench else (30.0, 60.0, 60.0)
+    got = (first - start, last_config - start, masks - start)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
