@@ -95,10 +95,10 @@ def forward(
     # Hand-offs: each consumer releases K and V ring slots to the producer; the
     # consumers pass the tensor cores to each other (`turn[w]`: warpgroup w's go)
     # and, in a persistent kernel, meet between tiles (`meet[w]`: w may go on).
-    families = [(stages, 2, 1), (stages, 2, 1), (2, 1, 1), (2, 1, 1)]
-
     n_tiles = s.hq * mq * s.b
     persistent = s.programs > 0
+    families = [(stages, 2, 1), (stages, 2, 1), (2, 1, 1)]
+    families += [(2, 1, 1)] if persistent else []
     n_programs = min(s.programs, n_tiles)
 
     def tile_at(k):
@@ -133,7 +133,9 @@ def forward(
         smem, barriers, signal_bars = scoped
         q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
-        k_released, v_released, turn, meet = make_signals(named, families, signal_bars)
+        signals = make_signals(named, families, signal_bars)
+        k_released, v_released, turn = signals[:3]
+        meet = signals[3] if persistent else None
         wg = lax.axis_index("wg")
 
         def block_list(k):

@@ -219,16 +219,6 @@ def accumulate_mma(acc, a, b_ref, a_smem=None, during=None):
     return mma_group([(acc, a, b_ref, a_smem)], a_smem is not None, during)[0]
 
 
-def mma(a_ref, b_ref, shape):
-    """`a_ref @ b_ref` (both in shared memory) into a fresh float32 tile."""
-
-    def compute(acc_ref):
-        plgpu.wgmma(acc_ref, a_ref, b_ref)
-        return acc_ref[...]
-
-    return pl.run_scoped(compute, plgpu.ACC(shape, jnp.float32))
-
-
 def sweep(step, n_full, n_all, carry):
     """Runs `step(t, carry, apply_mask=...)` over a block list: its full blocks
     `[0, n_full)` without the mask mod, then its partial ones `[n_full, n_all)`."""
@@ -275,22 +265,16 @@ class Signals:
 
     On the GPU these are hardware named barriers (`bar.arrive` / `bar.sync`, ids from
     `first_id`): no shared-memory traffic. The interpreter has none, so there
-    `mbarriers` (allocated by `Signals.scratch`) stand in.
+    `mbarriers` (allocated by `signal_scratch`) stand in.
 
     The parties must alternate: the arrivals for signal `i` may not run ahead of its
     waiters by a whole round.
     """
 
-    n: int
     arrivals: int
     waiters: int
     first_id: int = -1
     mbarriers: object = None
-
-    @staticmethod
-    def scratch(named: bool, n: int, arrivals: int):
-        """The scoped allocation an mbarrier-backed `Signals` needs (None if named)."""
-        return None if named else plgpu.Barrier(num_arrivals=arrivals, num_barriers=n)
 
     def _id(self, i):
         if isinstance(i, int):
@@ -317,14 +301,14 @@ class Signals:
 def make_signals(named: bool, families, mbarriers) -> list[Signals]:
     """`Signals` for `families = [(n, arrivals, waiters), ...]`: consecutive named
     barrier ids, or the scoped `mbarriers` (one per family, from
-    `Signals.scratch`)."""
+    `signal_scratch`)."""
     out, first = [], FIRST_NAMED_BARRIER
     for (n, arrivals, waiters), bars in zip(families, mbarriers):
         if named:
-            out.append(Signals(n, arrivals, waiters, first_id=first))
+            out.append(Signals(arrivals, waiters, first_id=first))
             first += n
         else:
-            out.append(Signals(n, arrivals, waiters, mbarriers=bars))
+            out.append(Signals(arrivals, waiters, mbarriers=bars))
     if first > NAMED_BARRIERS:
         raise ValueError(
             f"{first - FIRST_NAMED_BARRIER} named barriers needed, "
@@ -335,7 +319,9 @@ def make_signals(named: bool, families, mbarriers) -> list[Signals]:
 
 def signal_scratch(named: bool, families) -> tuple:
     """The scoped allocations `make_signals` needs (Nones when named)."""
-    return tuple(Signals.scratch(named, n, a) for n, a, _ in families)
+    if named:
+        return tuple(None for _ in families)
+    return tuple(plgpu.Barrier(num_arrivals=a, num_barriers=n) for n, a, _ in families)
 
 
 def compiler_params(named: bool) -> plgpu.CompilerParams:
