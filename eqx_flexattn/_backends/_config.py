@@ -158,11 +158,15 @@ def _registry() -> dict[str, type[AbstractConfig] | None]:
     return {name: b.config_class for name, b in BACKENDS.items()}
 
 
+def _did_you_mean(key: str, candidates) -> str:
+    close = difflib.get_close_matches(key, list(candidates), n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
 def _typo(key: str, registry, section: str | None = None) -> ValueError:
     if section is not None:
         own = registry[section].option_names()
-        close = difflib.get_close_matches(key, [*own, *COMMON_KEYS, *TORCH_KEYS], n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
+        hint = _did_you_mean(key, [*own, *COMMON_KEYS, *TORCH_KEYS])
         return ValueError(
             f"kernel_options[{section!r}] key {key!r} is not an option of the "
             f"{section!r} backend.{hint} It takes {list(own)}, the common keys "
@@ -170,8 +174,7 @@ def _typo(key: str, registry, section: str | None = None) -> ValueError:
         )
     own = sorted({n for c in registry.values() if c for n in c.option_names()})
     accepted = sorted(set(own) | set(COMMON_KEYS))
-    close = difflib.get_close_matches(key, [*accepted, *registry, *TORCH_KEYS], n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
+    hint = _did_you_mean(key, [*accepted, *registry, *TORCH_KEYS])
     return ValueError(
         f"kernel_options key {key!r} is not an option of any backend nor a "
         f"PyTorch FlexAttention kernel option.{hint} Accepted: backend options "
