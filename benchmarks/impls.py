@@ -188,14 +188,19 @@ def _jitted(fn: Callable, params: Any, *args) -> Callable[[], Any]:
     return lambda: run(dynamic, *args)
 
 
-def _vjp_step(fn: Callable, learnable: bool) -> Callable:
-    """`(q, k, v, params, do) -> (out, grads)`; params get gradients if learnable."""
+def _vjp_step(fn: Callable, learnable: bool, argnums=(0, 1, 2)) -> Callable:
+    """`(q, k, v, params, do) -> (out, grads)` of the inputs `argnums` of (q, k, v);
+    params get gradients if learnable."""
 
     def step(q, k, v, params, do):
-        if learnable:
-            out, vjp = eqx.filter_vjp(fn, q, k, v, params)
-        else:
-            out, vjp = eqx.filter_vjp(lambda q, k, v: fn(q, k, v, params), q, k, v)
+        def f(*xs):
+            args = [q, k, v]
+            for i, x in zip(argnums, xs):
+                args[i] = x
+            return fn(*args, xs[-1] if learnable else params)
+
+        xs = tuple((q, k, v)[i] for i in argnums)
+        out, vjp = eqx.filter_vjp(f, *xs, *((params,) if learnable else ()))
         return out, vjp(do)
 
     return step

@@ -17,7 +17,7 @@ import json
 import jax
 
 from benchmarks import spec
-from benchmarks.impls import _jitted, EqxFlex, Workspace
+from benchmarks.impls import _jitted, _vjp_step, EqxFlex, Workspace
 from benchmarks.timing import measure, TimingSettings
 
 
@@ -70,18 +70,7 @@ def _partial_fwdbwd(impl, case, config, ws, grads: str):
     fn, params = impl.attention(case, config)
     q, k, v, do = ws.jax_inputs(impl.layout)
     argnums = (0,) if grads == "q" else (1, 2)
-
-    def step(q, k, v, params, do):
-        def f(*xs):
-            args = [q, k, v]
-            for i, x in zip(argnums, xs):
-                args[i] = x
-            return fn(*args, params)
-
-        out, vjp = jax.vjp(f, *((q, k, v)[i] for i in argnums))
-        return out, vjp(do)
-
-    return _jitted(step, params, q, k, v, do)
+    return _jitted(_vjp_step(fn, False, argnums), params, q, k, v, do)
 
 
 if __name__ == "__main__":
