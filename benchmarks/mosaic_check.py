@@ -14,6 +14,7 @@ import json
 import sys
 import time
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,7 +26,16 @@ from eqx_flexattn import masks, score_mods
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+MATCH: list = []  # `--match a,b`: only the cases whose names contain one of these
+
+
+def _skipped(name: str) -> bool:
+    return bool(MATCH) and not any(m in name for m in MATCH)
+
+
 def _forward_case(*args, **kwargs):
+    if _skipped(args[0]):
+        return None
     try:
         return _case(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 -- report every case
@@ -100,6 +110,8 @@ def grad_case(
     name, b, hq, hkv, lq, lkv, d, mask=None, score=None, dtype=jnp.bfloat16, tol=2e-2
 ):
     """Gradients of q, k, v and the score mod's arrays: mosaic against xla-float32."""
+    if _skipped(name):
+        return None
     try:
         keys = jax.random.split(jax.random.key(1), 4)
         q = jax.random.normal(keys[0], (b, hq, lq, d), jnp.float32).astype(dtype)
@@ -116,12 +128,20 @@ def grad_case(
             return jnp.sum(out.astype(jnp.float32) * w) + 0.1 * jnp.sum(lse**2)
 
         t0 = time.perf_counter()
-        argnums = (0, 1, 2, 3) if score is not None else (0, 1, 2)
-        g = jax.jit(jax.grad(lambda *a: loss(*a, "mosaic"), argnums))(q, k, v, score)
         up = lambda x: x.astype(jnp.float32)
-        want = jax.jit(jax.grad(lambda *a: loss(*a, "xla"), argnums))(
-            up(q), up(k), up(v), score
-        )
+        if isinstance(score, eqx.Module):  # learnable: its arrays get gradients
+
+            def grads(backend, *qkv):
+                fn = jax.grad(lambda *a: loss(*a, backend), (0, 1, 2, 3))
+                return jax.jit(fn)(*qkv, score)
+        else:  # None, or a closure: constant
+
+            def grads(backend, *qkv):
+                fn = jax.grad(lambda *a: loss(*a, score, backend), (0, 1, 2))
+                return jax.jit(fn)(*qkv)
+
+        g = grads("mosaic", q, k, v)
+        want = grads("xla", up(q), up(k), up(v))
         rels = []
         for a, r in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(want)):
             a, r = np.asarray(up(a)), np.asarray(r)
@@ -148,8 +168,11 @@ EXTRA_OPTIONS: dict = {}  # `--options JSON`: mosaic options for every forward c
 
 def main() -> int:
     """`--gradients-only` skips the forward cases; `--options '{"persistent": true}'`
-    adds mosaic kernel options to every forward case."""
+    adds mosaic kernel options to every forward case; `--match a,b` runs the cases
+    whose names contain `a` or `b`."""
     args = sys.argv[1:]
+    if "--match" in args:
+        MATCH.extend(args[args.index("--match") + 1].split(","))
     if "--options" in args:
         EXTRA_OPTIONS.update(json.loads(args[args.index("--options") + 1]))
     print(jax.devices()[0].device_kind, jax.__version__, EXTRA_OPTIONS, flush=True)
@@ -159,6 +182,9 @@ def main() -> int:
     L = 2048
     ids = jnp.asarray((np.arange(L) * 8 // L).astype(np.int32))
     alibi = score_mods.Alibi(jnp.linspace(0.05, 0.5, 4).astype(jnp.float32))
+    table = jax.random.normal(jax.random.key(5), (4, 2 * L - 1), jnp.float32)
+    relative = score_mods.RelativePositionBias(4, L, table=table)
+    t5 = score_mods.T5RelativeBias(4, table=table[:, :32])
     results = [
         case("none", 2, 4, 4, L, L, 128, 128),
         case("causal", 2, 4, 4, L, L, 128, 128, masks.causal_mask),
@@ -189,6 +215,22 @@ def main() -> int:
         ),
         case("prefix_lm", 2, 4, 4, L, L, 128, 128, masks.prefix_lm(512)),
         case("checkerboard", 2, 4, 4, L, L, 128, 128, None, score_mods.checkerboard),
+        case(
+            "relative_bias+causal", 2, 4, 4, L, L, 128, 128, masks.causal_mask, relative
+        ),
+        case(
+            "t5 fp16 d64 sliding",
+            2,
+            4,
+            4,
+            L,
+            L,
+            64,
+            64,
+            masks.sliding_window(256),
+            t5,
+            jnp.float16,
+        ),
         case(
             "seed fp16 d64 causal",
             2,
@@ -241,6 +283,30 @@ def main() -> int:
         ),
         case("decode lq=1", 2, 4, 4, 1, 4096, 128, 128),
         grad_case("causal", 2, 4, 4, L, L, 128, masks.causal_mask),
+        grad_case(
+            "relative bias constant",
+            2,
+            4,
+            4,
+            L,
+            L,
+            128,
+            masks.causal_mask,
+            lambda *a: relative(*a),
+        ),
+        grad_case("relative bias learnable", 1, 4, 4, L, L, 128, None, relative),
+        grad_case(
+            "t5 constant fp16 d64",
+            1,
+            4,
+            2,
+            L,
+            L,
+            64,
+            masks.sliding_window(256),
+            lambda *a: t5(*a),
+            jnp.float16,
+        ),
         grad_case("alibi learnable", 2, 4, 4, L, L, 128, masks.causal_mask, alibi),
         grad_case(
             "softcap", 2, 4, 4, L, L, 128, masks.causal_mask, score_mods.SoftCap(30.0)

@@ -269,10 +269,13 @@ class _CastOutput(eqx.Module):
 # entry for its tile:
 #   - "scalar": depends on the batch and head at most -> one value per program;
 #   - "q": depends on q_idx (and maybe b, h) -> the query block's slice, a column;
-#   - "kv": depends on kv_idx (and maybe b, h) -> the key block's slice, a row.
+#   - "kv": depends on kv_idx (and maybe b, h) -> the key block's slice, a row;
+#   - "diag": depends on q_idx and kv_idx only through their difference `kv_idx -
+#     q_idx` (a relative-position table, T5 buckets) -> one value per diagonal, which
+#     a kernel reads as a Toeplitz tile.
 # What remains of the mod is scalar arithmetic on (score, b, h, q_idx, kv_idx, table
-# values), which a kernel evaluates elementwise on its tiles. A lookup indexed by both
-# q_idx and kv_idx (a relative-position table) or by the score is not a kernel operand:
+# values), which a kernel evaluates elementwise on its tiles. A lookup indexed by q_idx
+# and kv_idx otherwise (`table[q_idx, kv_idx]`) or by the score is not a kernel operand:
 # `kernel_mod` raises NotImplementedError saying so, and the kernel backend declines.
 
 _INDEX_NAMES = ("b", "h", "q", "kv")
@@ -325,15 +328,22 @@ class OperandSpec(NamedTuple):
     """How a kernel loads one hoisted table.
 
     `kind` is "scalar" (table `(B|1, H|1)`: the program's entry), "q" (table
-    `(B|1, H|1, Lq)`: the query block's slice) or "kv" (table `(B|1, H|1, Lkv)`: the
-    key block's slice). `dtype` is the value's dtype inside the mod; tables are stored
-    as int32 (integers, bools) or float32 (floats).
+    `(B|1, H|1, Lq_pad)`: the query block's slice), "kv" (table `(B|1, H|1, Lkv_pad)`:
+    the key block's slice) or "diag" (table `(B|1, H|1, Lq_pad + Lkv_pad - 1)`, entry
+    [`diag_index`][]`(q_idx, kv_idx, Lq_pad)` for the diagonal `kv_idx - q_idx`).
+    `dtype` is the value's dtype inside the mod; tables are stored as int32 (integers,
+    bools) or float32 (floats).
     """
 
     kind: str
     batch: bool
     head: bool
     dtype: Any
+
+
+def diag_index(q_idx, kv_idx, lq_pad: int):
+    """The entry of a "diag" table for the positions `(q_idx, kv_idx)`."""
+    return kv_idx - q_idx + (lq_pad - 1)
 
 
 def _storage_dtype(dtype):
@@ -382,10 +392,13 @@ def _split(mod: ScalarMod) -> _Split:
     deps |= {v: frozenset({n}) for v, n in zip(arg_vars, names)}
     scalar = lambda v: isinstance(v, jax.extend.core.Literal) or v.aval.shape == ()
     hoisted = [v for v in const_vars if v.aval.shape == ()]
+    positions = {id(arg_vars[-2]), id(arg_vars[-1])}  # q_idx, kv_idx
     for eqn in jaxpr.eqns:
         d = frozenset().union(
             *(deps[v] for v in eqn.invars if not isinstance(v, jax.extend.core.Literal))
         )
+        if eqn.primitive.name == "sub" and {id(v) for v in eqn.invars} == positions:
+            d = frozenset({"diag"})  # kv_idx - q_idx, or its negative
         for v in eqn.outvars:
             deps[v] = d
         lookup = any(not scalar(v) for v in eqn.invars)
@@ -422,13 +435,13 @@ def _split(mod: ScalarMod) -> _Split:
                 f"{what} indexes an array with a value computed from the score; "
                 "kernels take lookups indexed by b, h, q_idx and kv_idx only."
             )
-        if {"q", "kv"} <= d:
+        if len(d & {"q", "kv", "diag"}) > 1:
             raise NotImplementedError(
                 f"{what} looks up an array at an index that depends on both q_idx and "
-                "kv_idx (such as a relative-position table); kernels take lookups "
-                "indexed by q_idx or by kv_idx, not both, so far."
+                "kv_idx other than through their difference `kv_idx - q_idx`; kernels "
+                "take lookups indexed by q_idx, by kv_idx, or by that difference."
             )
-        kind = "q" if "q" in d else "kv" if "kv" in d else "scalar"
+        kind = next((k for k in ("q", "kv", "diag") if k in d), "scalar")
         specs.append(OperandSpec(kind, "b" in d, "h" in d, v.aval.dtype))
 
     hoisted_t = tuple(hoisted)
@@ -563,6 +576,14 @@ def kernel_mod(
         elif spec.kind == "kv":
             kvi = jnp.minimum(jnp.arange(lkv_pad, dtype=INDEX_DTYPE), lkv - 1)
             kvi = kvi[None, None]
+        elif spec.kind == "diag":
+            # Each diagonal at a pair of positions on it (diagonals past the
+            # lengths read the last one), both positions in range.
+            entry = jnp.arange(lq_pad + lkv_pad - 1, dtype=INDEX_DTYPE)
+            diag = jnp.clip(entry - (lq_pad - 1), 1 - lq, lkv - 1)
+            qi = jnp.maximum(-diag, 0)
+            kvi = (qi + diag)[None, None]
+            qi = qi[None, None]
         one = jnp.vectorize(lambda *a, i=i: values_at(*a)[i])(bi, hi, qi, kvi)
         one = one.astype(_storage_dtype(spec.dtype))
         tables.append(one[..., 0] if spec.kind == "scalar" else one)

@@ -11,6 +11,7 @@ from eqx_flexattn import masks, score_mods
 from eqx_flexattn._mods import (
     convert_mask_mod,
     convert_score_mod,
+    diag_index,
     index_grid,
     kernel_mod,
 )
@@ -51,6 +52,12 @@ SCORES = {
     "bf16_table": lambda s, b, h, q, kv: s + BIAS.astype(jnp.bfloat16)[h],
     # Reductions of arrays are hoisted too: they depend on no index.
     "reduced_table": lambda s, b, h, q, kv: s + jnp.sum(BIAS) * (q - kv),
+    # Lookups by kv_idx - q_idx (either sign) are "diag" tables.
+    "relative_bias": score_mods.RelativePositionBias(H, 20, key=jax.random.key(1)),
+    "t5": score_mods.T5RelativeBias(H, 16, 40, key=jax.random.key(2)),
+    "negated_difference_per_batch": lambda s, b, h, q, kv: (
+        s * jnp.arange(1.0, 200.0, dtype=jnp.float32)[q - kv + 99 - b]
+    ),
 }
 
 
@@ -62,8 +69,11 @@ def _values(km, lq, lkv):
             out.append(table[:, :, None, None])
         elif spec.kind == "q":
             out.append(table[:, :, :lq, None])
-        else:
+        elif spec.kind == "kv":
             out.append(table[:, :, None, :lkv])
+        else:
+            q, kv = np.arange(lq)[:, None], np.arange(lkv)[None, :]
+            out.append(table[:, :, diag_index(q, kv, PAD_Q)])
     return out
 
 
@@ -71,7 +81,12 @@ def _check(converted, is_score):
     km = kernel_mod(converted, B, H, LQ, LKV, lq_pad=PAD_Q, lkv_pad=PAD_KV)
     for table, spec in zip(km.tables, km.specs):
         lead = (B if spec.batch else 1, H if spec.head else 1)
-        tail = {"scalar": (), "q": (PAD_Q,), "kv": (PAD_KV,)}[spec.kind]
+        tail = {
+            "scalar": (),
+            "q": (PAD_Q,),
+            "kv": (PAD_KV,),
+            "diag": (PAD_Q + PAD_KV - 1,),
+        }[spec.kind]
         assert table.shape == lead + tail
     grid = index_grid(B, H, LQ, LKV)
     score = jax.random.normal(jax.random.key(0), (B, H, LQ, LKV), jnp.float32)
@@ -104,13 +119,37 @@ def test_table_kinds():
     # Padded positions read the last position's entry.
     km = _check(convert_mask_mod(MASKS["document_shared"]), is_score=False)
     np.testing.assert_array_equal(km.tables[0][0, 0, LQ:], IDS[0, LQ - 1])
+    km = _check(convert_score_mod(SCORES["relative_bias"], jnp.float32), True)
+    assert [(s.kind, s.batch, s.head) for s in km.specs] == [("diag", False, True)]
+    assert km.uses == set()
+    km = _check(
+        convert_score_mod(SCORES["negated_difference_per_batch"], jnp.float32), True
+    )
+    assert [(s.kind, s.batch, s.head) for s in km.specs] == [("diag", True, False)]
+    # Diagonals past the lengths read the last one: kv - q = LKV - 1 and 1 - LQ.
+    last = km.tables[0][:, 0, diag_index(0, LKV - 1, PAD_Q)]
+    first = km.tables[0][:, 0, diag_index(LQ - 1, 0, PAD_Q)]
+    np.testing.assert_array_equal(
+        km.tables[0][:, 0, diag_index(0, PAD_KV - 1, PAD_Q)], last
+    )
+    np.testing.assert_array_equal(km.tables[0][:, 0, 0], first)
 
 
 @pytest.mark.parametrize(
     "mod,match",
     [
-        (score_mods.RelativePositionBias(H, 8), "depends on both q_idx and kv_idx"),
-        (score_mods.T5RelativeBias(H), "depends on both q_idx and kv_idx"),
+        (
+            lambda s, b, h, q, kv: s + jnp.ones((8, 8), jnp.float32)[q % 8, kv % 8],
+            "depends on both q_idx and kv_idx other than through their difference",
+        ),
+        (
+            lambda s, b, h, q, kv: s + jnp.ones(300, jnp.float32)[kv - q + 50] * q,
+            None,  # a diag table, and q_idx in the arithmetic: fine
+        ),
+        (
+            lambda s, b, h, q, kv: s + jnp.ones(300, jnp.float32)[kv - q + q % 2],
+            "other than through their difference",
+        ),
         (
             lambda s, b, h, q, kv: s + BIAS[(s > 0).astype(jnp.int32)],
             "computed from the score",
@@ -118,6 +157,9 @@ def test_table_kinds():
     ],
 )
 def test_declines_with_a_reason(mod, match):
+    if match is None:
+        _check(convert_score_mod(mod, jnp.float32), is_score=True)
+        return
     with pytest.raises(NotImplementedError, match=match):
         kernel_mod(
             convert_score_mod(mod, jnp.float32),

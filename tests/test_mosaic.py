@@ -71,6 +71,13 @@ def _compare(q, k, v, score_mod, block_mask, tol, options=None):
 IDS = (jnp.arange(200) * 5 // 200).astype(jnp.int32)
 IDS_Q = (jnp.arange(256) * 5 // 256).astype(jnp.int32)
 
+
+def _relative_bias(h, max_distance):
+    """A relative-position bias with entries of order one (a "diag" table)."""
+    table = jax.random.normal(jax.random.key(3), (h, 2 * max_distance - 1), jnp.float32)
+    return score_mods.RelativePositionBias(h, max_distance, table=table)
+
+
 # (name, B, Hq, Hkv, Lq, Lkv, D, Dv, dtype, mask_mod, score_mod, mask B/H)
 CASES = [
     (
@@ -129,6 +136,36 @@ CASES = [
         jnp.float16,
         None,
         None,
+        (None, None),
+    ),
+    (
+        "relative_bias_causal_gqa_ragged",
+        1,
+        4,
+        2,
+        200,
+        136,
+        64,
+        64,
+        jnp.bfloat16,
+        masks.causal_mask,
+        _relative_bias(4, 150),
+        (None, None),
+    ),
+    (
+        "t5_bias_long_kv",
+        1,
+        2,
+        2,
+        100,
+        300,
+        64,
+        64,
+        jnp.float16,
+        masks.sliding_window(120),
+        score_mods.T5RelativeBias(
+            2, 16, 64, table=jax.random.normal(jax.random.key(4), (2, 16), jnp.float32)
+        ),
         (None, None),
     ),
     (
@@ -241,6 +278,49 @@ GRAD_CASES = [
         False,
     ),
     (
+        "relative_bias_gqa_ragged",
+        1,
+        4,
+        2,
+        200,
+        136,
+        64,
+        jnp.bfloat16,
+        masks.causal_mask,
+        _relative_bias(4, 150),
+        False,
+    ),
+    (
+        # Diagonal sums in the dK/dV kernel; GQA with a query tile count (3) that
+        # is not the kernel's (4: rows padded to 256).
+        "relative_bias_learnable_gqa_odd_query_tiles",
+        1,
+        4,
+        2,
+        130,
+        200,
+        64,
+        jnp.bfloat16,
+        masks.causal_mask,
+        _relative_bias(4, 150),
+        True,
+    ),
+    (
+        "t5_learnable_sliding",
+        1,
+        2,
+        2,
+        130,
+        300,
+        64,
+        jnp.float16,
+        masks.sliding_window(100),
+        score_mods.T5RelativeBias(
+            2, 16, 64, table=jax.random.normal(jax.random.key(4), (2, 16), jnp.float32)
+        ),
+        True,
+    ),
+    (
         "head_dim_192_falls_back_to_xla",
         1,
         2,
@@ -349,6 +429,16 @@ LOWERED = {
     "checkerboard_prefix": dict(
         mask_mod=masks.prefix_lm(300), score_mod=score_mods.checkerboard
     ),
+    "relative_bias_causal": dict(
+        mask_mod=masks.causal_mask,
+        score_mod=score_mods.RelativePositionBias(2, 256, key=jax.random.key(0)),
+    ),
+    "t5_d64_ragged": dict(
+        score_mod=score_mods.T5RelativeBias(2, key=jax.random.key(0)),
+        d=64,
+        lq=1000,
+        lkv=900,
+    ),
     "d64_fp16_3_stages": dict(
         mask_mod=masks.causal_mask,
         opts={"mosaic": {"num_stages": 3}},
@@ -370,7 +460,14 @@ LOWERED = {
 
 @pytest.mark.parametrize(
     "name",
-    ["causal_d128", "alibi_causal", "document", "checkerboard_prefix", "ragged_gqa"],
+    [
+        "causal_d128",
+        "alibi_causal",
+        "document",
+        "checkerboard_prefix",
+        "ragged_gqa",
+        "relative_bias_causal",
+    ],
 )
 def test_backward_lowers_for_the_gpu(name):
     """The dQ and dK/dV kernels (with the score mod's VJP and its table gradients)
@@ -433,9 +530,10 @@ def test_declines_with_reasons():
         assert "declined: mosaic: it needs an NVIDIA GPU" in _explain(bf16)
     text = _explain(f32, kernel_options=INTERPRET)
     assert "declined: mosaic: it takes bfloat16 or float16 inputs" in text
+    table = jnp.ones((8, 8), jnp.float32)
     text = _explain(
         bf16,
-        score_mod=score_mods.RelativePositionBias(2, 16),
+        score_mod=lambda s, b, h, q, kv: s + table[q % 8, kv % 8],
         kernel_options=INTERPRET,
     )
     assert text.startswith("backend: xla")

@@ -11,8 +11,18 @@ from helpers import random_qkv
 
 import eqx_flexattn as fa
 from eqx_flexattn import score_mods
-from eqx_flexattn._backends._reduce import reduce_table_grads, table_vjp
-from eqx_flexattn._mods import convert_score_mod, index_grid, kernel_mod, OperandSpec
+from eqx_flexattn._backends._reduce import (
+    diagonal_partials,
+    reduce_table_grads,
+    table_vjp,
+)
+from eqx_flexattn._mods import (
+    convert_score_mod,
+    diag_index,
+    index_grid,
+    kernel_mod,
+    OperandSpec,
+)
 
 
 B, HQ, HKV, LQ, LKV, D = 2, 4, 2, 19, 26, 8
@@ -212,3 +222,31 @@ def test_table_vjp_low_precision_leaf():
     (got,) = jax.tree_util.tree_leaves(table_vjp(build, mod, (g,)))
     assert got.dtype == jnp.bfloat16
     np.testing.assert_array_equal(got, g[0].astype(jnp.bfloat16))
+
+
+def test_diagonal_partials_place_every_tile_on_its_diagonals():
+    """Per-tile diagonal sums land on the table entries of their diagonals
+    (`diag_index`), visited tiles only, against a loop over dense 64x64 tiles."""
+    b, h, mq, nkt = 2, 3, 3, 4  # Lq_pad 192, Lkv_pad 256
+    lq_pad, lkv_pad = 64 * mq, 64 * nkt
+    rng = np.random.default_rng(0)
+    tiles = rng.normal(size=(b, h, nkt, mq, 64, 64))  # [.., kt, qt, key, query]
+    visited = rng.random((1, h, nkt, mq)) < 0.6
+    # What the dK/dV kernel writes: u[x] sums the tile's r - c == 64 - x.
+    r, c = np.arange(64)[:, None], np.arange(64)[None, :]
+    partials = np.zeros((b, h, nkt, mq, 128))
+    for x in range(1, 128):
+        partials[..., x] = np.where(r - c == 64 - x, tiles, 0).sum(axis=(-2, -1))
+    partials = np.where(visited[..., None], partials, np.nan)  # garbage elsewhere
+    want = np.zeros((b, h, lq_pad + lkv_pad - 1))
+    for kt in range(nkt):
+        for qt in range(mq):
+            ok = visited[0, :, kt, qt][None, :, None, None]
+            tile = np.where(ok, tiles[:, :, kt, qt], 0)
+            for key in range(64):
+                n = diag_index(64 * qt + np.arange(64), 64 * kt + key, lq_pad)
+                want[:, :, n] += tile[:, :, key]
+    got = diagonal_partials(jnp.asarray(partials), jnp.asarray(visited), lq_pad)
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)  # float32
+    with pytest.raises(ValueError, match="do not fit"):
+        diagonal_partials(jnp.asarray(partials), jnp.asarray(visited), lq_pad + 64)

@@ -32,16 +32,22 @@ from ._mosaic_mods import (
     apply_keep,
     COL,
     compiler_params,
+    diagonal_sums,
+    DIAGONALS,
     drain,
     interpret_params,
     make_signals,
     mma_group,
     ModTiles,
+    NAMED_BARRIERS,
     produce,
     produce_kv,
     ROW,
+    SHEAR_WIDTH,
     signal_scratch,
     sweep,
+    tile_tables,
+    warpgroup_sync,
     WG,
 )
 from ._tiles import LOG2_E, rowwise
@@ -75,12 +81,14 @@ def _transforms():
     return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
-def _grad_tables(mod: KernelMod | None, want: bool) -> list[int]:
-    """Indices of the tables whose gradient the kernels produce."""
+def _grad_tables(mod: KernelMod | None, want: bool, kinds) -> list[int]:
+    """Indices of the float tables of `kinds` whose gradient a kernel produces."""
     if mod is None or not want:
         return []
     return [
-        i for i, sp in enumerate(mod.specs) if jnp.issubdtype(sp.dtype, jnp.floating)
+        i
+        for i, sp in enumerate(mod.specs)
+        if sp.kind in kinds and jnp.issubdtype(sp.dtype, jnp.floating)
     ]
 
 
@@ -105,9 +113,11 @@ def dq_kernel(
     bkv, stages = s.block_kv, s.num_stages
     mq = s.lq_pad // (2 * ROWS)
     mask_b, mask_h = blocks.shape[:2]
-    score_tables = () if score_mod is None else score_mod.tables
-    n_score, n_mask = len(score_tables), len(mask_mod.tables)
-    grads = _grad_tables(score_mod, want_tables)
+    pads = (s.lq_pad, s.lkv_pad)
+    score_tables = tile_tables(score_mod, "q", ROWS, *pads)
+    mask_tables = tile_tables(mask_mod, "q", ROWS, *pads)
+    n_score, n_mask = len(score_tables), len(mask_tables)
+    grads = _grad_tables(score_mod, want_tables, ("scalar", "q"))
     lengths = (
         s.lq if s.lq_pad != s.lq else None,
         s.lkv if s.lkv_pad != s.lkv else None,
@@ -127,8 +137,8 @@ def dq_kernel(
         q_smem2, do_smem2, k_smem, v_smem, row_smem2, a_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
         k_released, v_released = make_signals(named, families, signal_bars)
-        score_tiles = ModTiles(score_mod, score_refs, tile, "q", lengths)
-        mask_tiles = ModTiles(mask_mod, mask_refs, tile, "q", lengths)
+        score_tiles = ModTiles(score_mod, score_refs, tile, "q", pads, lengths)
+        mask_tiles = ModTiles(mask_mod, mask_refs, tile, "q", pads, lengths)
 
         h = lax.axis_index("heads")
         qi = mq - 1 - lax.axis_index("q")
@@ -177,12 +187,12 @@ def dq_kernel(
                 v_released.arrive(slot)
                 raw = raw * s.scale
                 if score_mod is not None:
-                    vals = score_tiles.values(b, h, kv0, score_fixed)
+                    vals = score_tiles.values(b, h, q0, kv0, score_fixed)
                     sc = score_tiles.score(raw, b, h, q0, kv0, vals) * LOG2_E
                 else:
                     sc = raw * LOG2_E
                 if apply_mask:
-                    mvals = mask_tiles.values(b, h, kv0, mask_fixed)
+                    mvals = mask_tiles.values(b, h, q0, kv0, mask_fixed)
                     sc = apply_keep(sc, mask_tiles.keep(b, h, q0, kv0, mvals, kv_bound))
                 p = jnp.exp2(sc - rowwise(lse, sc))
                 ds = p * (dp - rowwise(dlt, dp))
@@ -262,7 +272,7 @@ def dq_kernel(
         thread_name="wg",
         compiler_params=compiler_params(named),
         **interpret_params(s.interpret),
-    )(q, k, v, do, lse2, delta, counts, blocks, *score_tables, *mask_mod.tables)
+    )(q, k, v, do, lse2, delta, counts, blocks, *score_tables, *mask_tables)
     return outs[0], dict(zip(grads, outs[1:]))
 
 
@@ -278,8 +288,14 @@ def dkv_kernel(
     work,
     score_mod: KernelMod | None,
     mask_mod: KernelMod,
+    want_tables: bool = False,
 ):
-    """dK `(B, Hkv, Lkv_pad, D)` and dV `(B, Hkv, Lkv_pad, Dv)` in k's dtype.
+    """dK `(B, Hkv, Lkv_pad, D)` and dV `(B, Hkv, Lkv_pad, Dv)` in k's dtype, and
+    (`want_tables`) per float "diag" table of the score mod, its gradient partials
+    `(B, Hq, Lkv_pad / 64, Lq_pad / 64, 128)` float32: entry `[b, h, kt, qt, x]` sums
+    the table's cotangents on the diagonal `kv_idx - q_idx = 64 (kt - qt) + 64 - x`
+    of the 64x64 tile of key tile `kt` and query tile `qt` (written where the tile
+    is visited only: the others hold garbage).
 
     `work (B|1, Hkv, Nkv, G·Mq)`: per key block, the query tiles (64 rows) to visit,
     coded `j·Mq + i` (query head `kv_head·G + j`, tile `i`), full ones first;
@@ -291,8 +307,10 @@ def dkv_kernel(
     nkv = s.lkv_pad // (2 * ROWS)
     mq = s.lq_pad // ROWS
     work_b = work.shape[0]
-    score_tables = () if score_mod is None else score_mod.tables
-    n_score, n_mask = len(score_tables), len(mask_mod.tables)
+    pads = (s.lq_pad, s.lkv_pad)
+    score_tables = tile_tables(score_mod, "kv", ROWS, *pads)
+    mask_tables = tile_tables(mask_mod, "kv", ROWS, *pads)
+    n_score, n_mask = len(score_tables), len(mask_tables)
     lengths = (
         s.lq if s.lq_pad != s.lq else None,
         s.lkv if s.lkv_pad != s.lkv else None,
@@ -301,19 +319,20 @@ def dkv_kernel(
     tile = (ROWS, ROWS)  # (keys, queries)
     named = not s.interpret
     families = [(stages, 2, 1)]  # Q/dO/lse/delta slots released
+    diag_grads = _grad_tables(score_mod, want_tables, ("diag",))
 
     def kernel(
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, work_ref, *refs
     ):
         score_refs = refs[:n_score]
         mask_refs = refs[n_score : n_score + n_mask]
-        dk_ref, dv_ref = refs[n_score + n_mask : -1]
+        dk_ref, dv_ref, *diag_refs = refs[n_score + n_mask : -1]
         smem, barriers, signal_bars = refs[-1]
         (released,) = make_signals(named, families, signal_bars)
-        k_smem2, v_smem2, q_smem, do_smem, lse_smem, dlt_smem, a_smem2 = smem
+        k_smem2, v_smem2, q_smem, do_smem, lse_smem, dlt_smem, a_smem2, shear2 = smem
         q_bars, do_bars, lse_bars, dlt_bars, kv_bars = barriers
-        score_tiles = ModTiles(score_mod, score_refs, tile, "kv", lengths)
-        mask_tiles = ModTiles(mask_mod, mask_refs, tile, "kv", lengths)
+        score_tiles = ModTiles(score_mod, score_refs, tile, "kv", pads, lengths)
+        mask_tiles = ModTiles(mask_mod, mask_refs, tile, "kv", pads, lengths)
 
         kvh = lax.axis_index("heads")
         ki = nkv - 1 - lax.axis_index("kv")
@@ -341,6 +360,12 @@ def dkv_kernel(
             a_smem = lambda i: None if a_smem2 is None else a_smem2.at[wg, i]
             dk = plgpu.layout_cast(jnp.zeros((ROWS, s.d), jnp.float32), WG)
             dv = plgpu.layout_cast(jnp.zeros((ROWS, s.dv), jnp.float32), WG)
+            if diag_grads:
+                shear = shear2.at[wg]
+                shear[...] = plgpu.layout_cast(
+                    jnp.zeros((ROWS, SHEAR_WIDTH), jnp.float32), WG
+                )
+                sync = warpgroup_sync(named, NAMED_BARRIERS - 2 + wg)
 
             def step(t, carry, *, apply_mask):
                 dk, dv = carry
@@ -360,13 +385,13 @@ def dkv_kernel(
                 raw = raw * s.scale
                 if score_mod is not None:
                     fixed = score_tiles.fixed(b, h, kv0)
-                    vals = score_tiles.values(b, h, q0, fixed)
+                    vals = score_tiles.values(b, h, kv0, q0, fixed)
                     sc = score_tiles.score(raw, b, h, kv0, q0, vals) * LOG2_E
                 else:
                     sc = raw * LOG2_E
                 if apply_mask:
                     mfixed = mask_tiles.fixed(b, h, kv0)
-                    mvals = mask_tiles.values(b, h, q0, mfixed)
+                    mvals = mask_tiles.values(b, h, kv0, q0, mfixed)
                     sc = apply_keep(sc, mask_tiles.keep(b, h, kv0, q0, mvals, kv_bound))
                 plgpu.barrier_wait(lse_bars.at[slot])
                 lse = plgpu.load(lse_smem.at[slot], layout=COL)
@@ -375,7 +400,12 @@ def dkv_kernel(
                 dlt = plgpu.load(dlt_smem.at[slot], layout=COL)
                 dst = pt * (dpt - lax.broadcast_in_dim(dlt, tile, (1,)))
                 if score_mod is not None:
-                    dst, _ = score_tiles.score_vjp(raw, b, h, kv0, q0, vals, dst, False)
+                    dst, dvals = score_tiles.score_vjp(
+                        raw, b, h, kv0, q0, vals, dst, bool(diag_grads)
+                    )
+                    for i, ref in zip(diag_grads, diag_refs):
+                        sums = diagonal_sums(dvals[i], shear, sync)
+                        ref.at[b, h, 2 * ki + wg, qt][...] = sums
                 # dV += Pᵀ dO and dK += dSᵀ Q in flight together.
                 dv, dk = mma_group(
                     [
@@ -429,6 +459,7 @@ def dkv_kernel(
             plgpu.SMEM((2, 2, ROWS, ROWS), dtype, transforms=_transforms())
             if s.interpret
             else None,
+            plgpu.SMEM((2, ROWS, SHEAR_WIDTH), jnp.float32) if diag_grads else None,
         ]
         pl.run_scoped(
             lambda *scoped: kernel(*refs, scoped),
@@ -444,8 +475,11 @@ def dkv_kernel(
     out_type = (
         jax.ShapeDtypeStruct((s.b, s.hkv, s.lkv_pad, s.d), dtype),
         jax.ShapeDtypeStruct((s.b, s.hkv, s.lkv_pad, s.dv), dtype),
+    ) + tuple(
+        jax.ShapeDtypeStruct((s.b, s.hq, s.lkv_pad // ROWS, mq, DIAGONALS), jnp.float32)
+        for _ in diag_grads
     )
-    return plgpu.kernel(
+    dk, dv, *partials = plgpu.kernel(
         entry,
         out_type=out_type,
         grid=(s.hkv, nkv, s.b),
@@ -454,4 +488,5 @@ def dkv_kernel(
         thread_name="wg",
         compiler_params=compiler_params(named),
         **interpret_params(s.interpret),
-    )(q, k, v, do, lse2, delta, counts, work, *score_tables, *mask_mod.tables)
+    )(q, k, v, do, lse2, delta, counts, work, *score_tables, *mask_tables)
+    return dk, dv, dict(zip(diag_grads, partials))

@@ -35,6 +35,7 @@ from ._mosaic_mods import (
     produce_kv,
     signal_scratch,
     sweep,
+    tile_tables,
 )
 from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
@@ -84,8 +85,9 @@ def forward(
     bq, bkv, stages = s.block_q, s.block_kv, s.num_stages
     mq = s.lq_pad // (2 * bq)
     mask_b, mask_h = blocks.shape[:2]
-    score_tables = () if score_mod is None else score_mod.tables
-    mask_tables = mask_mod.tables
+    pads = (s.lq_pad, s.lkv_pad)
+    score_tables = tile_tables(score_mod, "q", bq, *pads)
+    mask_tables = tile_tables(mask_mod, "q", bq, *pads)
     n_score = len(score_tables)
     wg_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -128,8 +130,8 @@ def forward(
         out_ref, lse_ref = refs[n_score + len(mask_tables) : -1]
         scoped = refs[-1]
         lengths = (s.lq if q_ragged else None, s.lkv if kv_ragged else None)
-        score_tiles = ModTiles(score_mod, score_refs, (bq, bkv), "q", lengths)
-        mask_tiles = ModTiles(mask_mod, mask_refs, (bq, bkv), "q", lengths)
+        score_tiles = ModTiles(score_mod, score_refs, (bq, bkv), "q", pads, lengths)
+        mask_tiles = ModTiles(mask_mod, mask_refs, (bq, bkv), "q", pads, lengths)
         smem, barriers, signal_bars = scoped
         q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
@@ -191,11 +193,11 @@ def forward(
                 if score_mod is None:
                     sc = sc * (s.scale * LOG2_E)
                 else:
-                    vals = score_tiles.values(b, h, kv0, score_static)
+                    vals = score_tiles.values(b, h, q0, kv0, score_static)
                     sc = score_tiles.score(sc * s.scale, b, h, q0, kv0, vals)
                     sc = sc * LOG2_E
                 if apply_mask:
-                    vals = mask_tiles.values(b, h, kv0, mask_static)
+                    vals = mask_tiles.values(b, h, q0, kv0, mask_static)
                     bound = s.lkv if kv_ragged else None
                     sc = apply_keep(sc, mask_tiles.keep(b, h, q0, kv0, vals, bound))
                 m_i, alpha, p = softmax_step(m_i, sc, jnp.exp2)

@@ -5,8 +5,9 @@ A kernel holds a tile of scores of shape `(R, C)` in the WGMMA layout whose rows
 query positions (forward, dq) or key positions (dk/dv, which works on `Sᵀ`).
 `ModTiles` loads a `KernelMod`'s tables for such a tile — per-program scalars read
 from GMEM, the rows' slice of a row-kind table once, the columns' slice of a
-column-kind table at every step — builds the index tiles the mod reads, and
-evaluates the mod (or its VJP) elementwise.
+column-kind table and the Toeplitz tile of a "diag" table (from its skewed copy, see
+`tile_tables`) at every step — builds the index tiles the mod reads, and evaluates
+the mod (or its VJP) elementwise.
 """
 
 from __future__ import annotations
@@ -28,19 +29,47 @@ ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per tile row
 COL = plgpu.Layout.WGMMA.reduce(0)  # one value per tile column
 
 
+def tile_tables(mod: KernelMod | None, rows: str, r: int, lq_pad: int, lkv_pad: int):
+    """`mod`'s tables as `ModTiles` reads them on tiles of `r` rows of `rows` ("q" or
+    "kv") positions: every "diag" table `T (B|1, H|1, Lq_pad + Lkv_pad - 1)` skewed
+    into `W (B|1, H|1, r, Lq_pad + Lkv_pad - r)`, whose rows are the tile's rows and
+    whose columns are shifted by one per row, so that the values of any tile are the
+    rectangle of `W` at one column offset (`ModTiles._diag_column`); the others as
+    they are."""
+    if mod is None:
+        return ()
+    width = lq_pad + lkv_pad - r
+    i = jnp.arange(r)[:, None]
+    c = jnp.arange(width)[None, :]
+    # Tile row i, column j of a tile at (row0, col0) reads W[i, c0 + j] with
+    # c0 = col0 - row0 + (rows_pad - r), which must be T[diag_index(q, kv, Lq_pad)].
+    skew = c - i + (r - 1) if rows == "q" else i - c + (width - 1)
+    return tuple(
+        jnp.take(t, skew, axis=-1) if spec.kind == "diag" else t
+        for t, spec in zip(mod.tables, mod.specs)
+    )
+
+
 class ModTiles:
     """One mod on `(R, C)` tiles whose rows are `rows` ("q" or "kv") positions.
 
-    `lengths = (Lq, Lkv)`: the true lengths (positions past them are clamped before
-    a mod sees them) when the corresponding axis is padded, else None.
+    `refs` are the tables as `tile_tables` passes them; `pads = (Lq_pad, Lkv_pad)` the
+    padded lengths; `lengths = (Lq, Lkv)`: the true lengths (positions past them are
+    clamped before a mod sees them) when the corresponding axis is padded, else None.
     """
 
-    def __init__(self, mod: KernelMod | None, refs, shape, rows: str, lengths):
+    def __init__(self, mod: KernelMod | None, refs, shape, rows: str, pads, lengths):
         self.mod = mod
         self.refs = refs
         self.shape = shape
         self.rows = rows
+        self.pads = dict(zip(("q", "kv"), pads))
         self.lengths = dict(zip(("q", "kv"), lengths))
+
+    def _diag_column(self, row0, col0):
+        """The column of a skewed "diag" table where the tile at (row0, col0)
+        starts."""
+        return col0 - row0 + (self.pads[self.rows] - self.shape[0])
 
     def _is_row(self, kind: str) -> bool:
         return kind == self.rows
@@ -62,18 +91,22 @@ class ModTiles:
                 values.append(None)
         return values
 
-    def values(self, b, h, col0, fixed) -> list:
-        """Every table's value for the tile at column `col0`, broadcast to the tile
+    def values(self, b, h, row0, col0, fixed) -> list:
+        """Every table's value for the tile at `(row0, col0)`, broadcast to the tile
         (scalars stay scalars)."""
         out = []
         for spec, ref, val in zip(self.mod.specs, self.refs, fixed):
+            tb = b if spec.batch else 0
+            th = h if spec.head else 0
             if spec.kind == "scalar":
                 out.append(val)
             elif self._is_row(spec.kind):
                 out.append(lax.broadcast_in_dim(val, self.shape, (0,)))
+            elif spec.kind == "diag":
+                c0 = self._diag_column(row0, col0)
+                sl = ref.at[tb, th, :, pl.ds(c0, self.shape[1])]
+                out.append(plgpu.load(sl, layout=WG, optimized=False))
             else:
-                tb = b if spec.batch else 0
-                th = h if spec.head else 0
                 sl = ref.at[tb, th, pl.ds(col0, self.shape[1])]
                 col = plgpu.load(sl, layout=COL, optimized=False)
                 out.append(lax.broadcast_in_dim(col, self.shape, (1,)))
@@ -151,6 +184,43 @@ def _eval_with_add(jaxpr, consts, *args):
             outs = _bind(eqn, invals)
         env.update(zip(eqn.outvars, outs))
     return [read(v) for v in jaxpr.outvars]
+
+
+SHEAR_WIDTH = 192  # columns of a `diagonal_sums` buffer (64-row tiles)
+DIAGONALS = 128  # entries of a `diagonal_sums` result
+
+
+def diagonal_sums(tile, shear, sync):
+    """The sums of a `(64, 64)` float32 tile along its diagonals: `u (128,)` with
+    `u[x] = sum(tile[r, c] for r - c == 64 - x)` (`u[0] = 0`), one entry per thread
+    of the warpgroup.
+
+    `shear` is a `(64, SHEAR_WIDTH)` float32 shared-memory buffer of the warpgroup
+    whose columns outside `[64, 128)` are zero; `sync()` a barrier of the
+    warpgroup's threads. The tile is stored at columns `[64, 128)`; row `r` read
+    from column `r` on then holds the diagonals in order, so the sum of those 64
+    shifted rows is `u` (no atomics, a fixed order: deterministic).
+    """
+    rows, cols = tile.shape
+    if (rows, cols) != (64, 64):
+        raise ValueError(f"diagonal_sums takes (64, 64) tiles, got {tile.shape}")
+    shear.at[:, pl.ds(64, 64)][...] = tile
+    sync()  # the tile is in shared memory
+    layout = plgpu.Layout.WG_STRIDED((DIAGONALS,), vec_size=1)
+    out = None
+    for r in range(rows):
+        row = plgpu.load(shear.at[r, pl.ds(r, DIAGONALS)], layout=layout)
+        out = row if out is None else out + row
+    sync()  # read by every thread before the next tile overwrites it
+    return out
+
+
+def warpgroup_sync(named: bool, barrier_id):
+    """A barrier of the 128 threads of one warpgroup (named barrier `barrier_id`);
+    a no-op in the interpreter, which runs a warpgroup's code in order."""
+    if not named:
+        return lambda: None
+    return lambda: _named_barrier("sync", barrier_id, 128)
 
 
 def apply_keep(s, keep):

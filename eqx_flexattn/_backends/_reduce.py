@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, PyTree
+from jaxtyping import Array, Bool, Float, PyTree
 
 from .._mods import KernelMod, OperandSpec, ScalarMod
 from ._base import finish_mod_grads, upcast_mod
@@ -35,7 +35,7 @@ PARTIAL_DTYPE = jnp.float32
 
 def _tail(spec: OperandSpec) -> int:
     """How many trailing position axes a table of this kind has (after B, H)."""
-    return 0 if spec.kind == "scalar" else 1
+    return 0 if spec.kind == "scalar" else 1  # "q", "kv", "diag": one
 
 
 def reduce_table_grads(
@@ -53,7 +53,8 @@ def reduce_table_grads(
         whatever the table's broadcasting), `programs` any number of axes indexing the
         programs that each wrote a partial (say the key block of a dk/dv program:
         `(B, H, n_kv_blocks)` for a scalar table), and `positions` the table's own
-        last axis for kinds "q" (`Lq_pad`) and "kv" (`Lkv_pad`), none for "scalar".
+        last axis for kinds "q" (`Lq_pad`), "kv" (`Lkv_pad`) and "diag"
+        (`Lq_pad + Lkv_pad - 1`), none for "scalar".
         A program that wrote full rows needs no program axis: `(B, H, Lq_pad)`.
         `None` for integer tables (document ids, ...), which get no gradient.
     - `specs`: the tables' [`OperandSpec`][eqx_flexattn._mods.OperandSpec]s
@@ -108,6 +109,39 @@ def reduce_table_grads(
         total = jnp.sum(part.astype(PARTIAL_DTYPE), axis=axes, keepdims=True)
         grads.append(total.reshape(table.shape))
     return tuple(grads)
+
+
+def diagonal_partials(
+    partials: Float[Array, "b h nkt mq 128"],
+    visited: Bool[Array, "#b #h nkt mq"],
+    lq_pad: int,
+) -> Float[Array, "b h diagonals"]:
+    """A "diag" table's gradient partials per diagonal, from a kernel's per-tile sums.
+
+    `partials[b, h, kt, qt, x]` is the sum of the table's cotangents on the diagonal
+    `kv_idx - q_idx = 64 (kt - qt) + 64 - x` of the 64x64 tile (key tile `kt`, query
+    tile `qt`), where `visited` (else ignored: those tiles were not computed). Returns
+    `(B, H, Lq_pad + Lkv_pad - 1)`, entry `diag_index(q_idx, kv_idx, Lq_pad)`, for
+    [`reduce_table_grads`][]. Tiles are summed along each tile diagonal with static
+    reshapes and one reduction (no scatter: deterministic).
+    """
+    b, h, nkt, mq, n = partials.shape
+    if n != 128 or mq * 64 != lq_pad:
+        raise ValueError(
+            f"partials of shape {partials.shape} do not fit Lq_pad={lq_pad} "
+            "(expected (B, H, Nkt, Lq_pad / 64, 128))."
+        )
+    x = jnp.where(visited[..., None], partials.astype(PARTIAL_DTYPE), 0.0)
+    # Entry y = 127 - x of tile (kt, qt) is the table's entry 64 m + y, with
+    # m = kt - qt + mq - 1: shear row r = mq - 1 - qt right by r, then sum rows.
+    x = jnp.flip(x, axis=(3, 4)).swapaxes(2, 3)  # (b, h, r, kt, y)
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, mq), (0, 0)))
+    x = x.reshape(b, h, mq * (nkt + mq), n)[:, :, : mq * (nkt + mq - 1)]
+    x = x.reshape(b, h, mq, nkt + mq - 1, n).sum(axis=2)  # (b, h, m, y)
+    # Overlap-add the 128-entry rows at a stride of 64.
+    lo = jnp.pad(x[..., :64], ((0, 0), (0, 0), (0, 1), (0, 0)))
+    hi = jnp.pad(x[..., 64:], ((0, 0), (0, 0), (1, 0), (0, 0)))
+    return (lo + hi).reshape(b, h, -1)[..., :-1]
 
 
 def table_vjp(

@@ -2,9 +2,10 @@
 
 The forward pass is the block-sparse FlashAttention-3-style kernel of
 `_mosaic_fwd`; the backward pass runs the dQ and dK/dV kernels of `_mosaic_bwd`
-(score-mod parameter gradients from the dQ kernel's per-row partials), or the `xla`
-backend's backward where those kernels decline (head dims over 128, gradients of
-per-key float tables), fed with the forward kernel's output and log-sum-exp.
+(score-mod parameter gradients from the kernels' per-row and per-diagonal partials),
+or the `xla` backend's backward where those kernels decline (head dims over 128,
+gradients of per-key float tables), fed with the forward kernel's output and
+log-sum-exp.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from .._mods import INDEX_DTYPE, kernel_mod, kernel_mod_specs, KernelMod
 from . import _mosaic_bwd, _mosaic_fwd
 from ._base import AbstractBackend, AttentionProblem, grads_like
 from ._config import AbstractConfig, check_bool
-from ._reduce import reduce_table_grads, table_vjp
+from ._reduce import diagonal_partials, reduce_table_grads, table_vjp
 from ._tiles import LOG2_E
 from .xla import XlaBackend
 
@@ -272,9 +273,18 @@ class MosaicBackend(AbstractBackend):
         dop = _pad_to(_pad_to(dout, 2, lq_pad), 3, dv_pad)
         score, mask = self._mods(problem, lq_pad, lkv_pad)
         kv_ragged = lkv_pad != lkv
+        # Float tables: "scalar" and "q" ones get gradients from the dQ kernel,
+        # "diag" ones from the dK/dV kernel.
+        learnt = {
+            sp.kind
+            for sp in (score.specs if need_mod else ())
+            if jnp.issubdtype(sp.dtype, jnp.floating)
+        }
+        need_diag = "diag" in learnt
 
         dq = dmod = None
-        if perturbed.q or need_mod:
+        row_grads = {}
+        if perturbed.q or learnt & {"scalar", "q"}:
             rows = _mosaic_fwd.tile_rows(cfg.block_q)
             counts, blocks = _block_lists(problem, rows, bkv, kv_ragged)
             dq, row_grads = _mosaic_bwd.dq_kernel(
@@ -292,15 +302,33 @@ class MosaicBackend(AbstractBackend):
                 need_mod,
             )
             dq = dq[:, :, :lq, :d] if perturbed.q else None
-            if need_mod:
-                dmod = _table_vjp(problem, score, row_grads, lq_pad, lkv_pad)
         dk = dv_ = None
-        if perturbed.k or perturbed.v:
-            counts, work = _work_lists(problem, hkv, kv_ragged)
-            dk, dv_ = _mosaic_bwd.dkv_kernel(
-                shape, qp, kp, vp, dop, lse2, delta, counts, work, score, mask
+        if perturbed.k or perturbed.v or need_diag:
+            counts, work = _work_lists(problem, hkv, lq_pad // 64, kv_ragged)
+            dk, dv_, diag_partials = _mosaic_bwd.dkv_kernel(
+                shape,
+                qp,
+                kp,
+                vp,
+                dop,
+                lse2,
+                delta,
+                counts,
+                work,
+                score,
+                mask,
+                need_diag,
             )
-            dk, dv_ = dk[:, :, :lkv, :d], dv_[:, :, :lkv, :dv]
+            if perturbed.k or perturbed.v:
+                dk, dv_ = dk[:, :, :lkv, :d], dv_[:, :, :lkv, :dv]
+            else:  # run for the diagonal sums alone
+                dk = dv_ = None
+            if diag_partials:
+                visited = _visited_tiles(problem, lq_pad, lkv_pad)
+                for i, part in diag_partials.items():
+                    row_grads[i] = diagonal_partials(part, visited, lq_pad)
+        if need_mod:
+            dmod = _table_vjp(problem, score, row_grads, lq_pad, lkv_pad)
         return grads_like(problem, dq, dk, dv_, dmod)
 
     def _backward_declines(self, problem, need_mod: bool) -> str | None:
@@ -315,10 +343,26 @@ class MosaicBackend(AbstractBackend):
         return None
 
 
+def _visited_tiles(problem: AttentionProblem, lq_pad: int, lkv_pad: int):
+    """`(B|1, H|1, Lkv_pad / 64, Lq_pad / 64)` bool: the 64x64 tiles (key tile, query
+    tile) that the dK/dV kernel computes (its key blocks are 128 keys)."""
+    bm = problem.block_mask
+    if bm.block_size != (64, 128):
+        bm = bm.at_block_size(64, 128)
+    # Unchecked: the dK/dV kernel ran on these same lists (and the checks'
+    # `eqx.error_if` would not lower for the GPU off one).
+    partial, full = bm._states(check=False)
+    blocks = partial | full  # (B|1, H|1, Mq, Nkv)
+    blocks = _pad_to(_pad_to(blocks, 2, lq_pad // 64, False), 3, lkv_pad // 128, False)
+    return jnp.repeat(blocks.swapaxes(2, 3), 2, axis=2)
+
+
 def _table_vjp(problem, score: KernelMod, row_grads: dict, lq_pad: int, lkv_pad: int):
-    """Gradients of the score mod's arrays from the dQ kernel's per-query-row partials
-    of its tables' gradients (a "scalar" table's rows are its program axis): reduced
-    in float32 in a fixed order, then pulled back through the table construction."""
+    """Gradients of the score mod's arrays from the kernels' partials of its tables'
+    gradients (the dQ kernel's per-query-row sums of "scalar" and "q" tables, a
+    "scalar" table's rows being its program axis; the dK/dV kernel's diagonal sums
+    of "diag" tables): reduced in float32 in a fixed order, then pulled back through
+    the table construction."""
     b, hq, lq, _ = problem.q.shape
     lkv = problem.k.shape[2]
     partials = [row_grads.get(i) for i in range(len(score.specs))]
@@ -327,9 +371,10 @@ def _table_vjp(problem, score: KernelMod, row_grads: dict, lq_pad: int, lkv_pad:
     return table_vjp(build, problem.score_mod, grads)
 
 
-def _work_lists(problem: AttentionProblem, hkv: int, kv_ragged: bool):
+def _work_lists(problem: AttentionProblem, hkv: int, mq_pad: int, kv_ragged: bool):
     """The dK/dV kernel's lists: per (batch, kv head, 128-key block), the 64-row query
-    tiles of every query head of the group, coded `j * Mq + i`, full ones first;
+    tiles of every query head of the group, coded `j * mq_pad + i` (`mq_pad`: the
+    kernel's number of query tiles, `Lq_pad / 64`), full ones first;
     `counts (B|1, Hkv, Nkv, 2)` (full, all). Every tile of a ragged last key block
     counts as partial (its padded keys must be masked)."""
     bm = problem.block_mask
@@ -347,7 +392,7 @@ def _work_lists(problem: AttentionProblem, hkv: int, kv_ragged: bool):
         j = jnp.arange(hq, dtype=INDEX_DTYPE).reshape(1, hkv, g, 1, 1) % g
         idx = idx.reshape(mb, hkv, g, nkv, mq)
         valid = jnp.arange(mq) < num.reshape(mb, hkv, g, nkv)[..., None]
-        code = j * mq + idx
+        code = j * mq_pad + idx
         code = jnp.moveaxis(code, 2, 3).reshape(mb, hkv, nkv, g * mq)
         valid = jnp.moveaxis(valid, 2, 3).reshape(mb, hkv, nkv, g * mq)
         order = jnp.argsort(~valid, axis=-1, stable=True)

@@ -2,6 +2,7 @@
 backend in float32, against PyTorch FlexAttention on identical inputs (when torch is
 importable), and bitwise determinism of score-mod parameter gradients."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,6 +21,8 @@ IDS = jnp.asarray((np.arange(L) * 5 // L).astype(np.int32))
 
 def _mods():
     slopes = jnp.linspace(0.05, 0.5, H).astype(jnp.float32)
+    table = jax.random.normal(jax.random.key(5), (H, 2 * L - 1), jnp.float32)
+    relative = score_mods.RelativePositionBias(H, L, table=table)
     return {
         "causal": (masks.causal_mask, None),
         "alibi_causal": (masks.causal_mask, score_mods.Alibi(slopes)),
@@ -28,6 +31,14 @@ def _mods():
         "head_bias_no_mask": (
             None,
             score_mods.HeadBias(jnp.linspace(-1, 1, H, dtype=jnp.float32)),
+        ),
+        # A "diag" table, constant (a closure) and learnable (its gradient from the
+        # dK/dV kernel's diagonal sums).
+        "relative_bias_causal": (masks.causal_mask, lambda *a: relative(*a)),
+        "relative_bias_learnable": (None, relative),
+        "t5_sliding": (
+            masks.sliding_window(300),
+            lambda *a: score_mods.T5RelativeBias(H, table=table[:, :32])(*a),
         ),
     }
 
@@ -57,12 +68,22 @@ def test_forward_and_gradients_match_xla(name):
     mask_mod, score_mod = _mods()[name]
     q, k, v, w = _inputs(0)
     bm = None if mask_mod is None else fa.create_block_mask(mask_mod, None, None, L, L)
-    argnums = (0, 1, 2) if score_mod is None else (0, 1, 2, 3)
     up = lambda x: x.astype(jnp.float32)
-    got = jax.jit(jax.grad(_loss("mosaic", bm, w), argnums))(q, k, v, score_mod)
-    want = jax.jit(jax.grad(_loss("xla", bm, w), argnums))(
-        up(q), up(k), up(v), score_mod
-    )
+    if isinstance(score_mod, eqx.Module):  # learnable
+        got = jax.jit(jax.grad(_loss("mosaic", bm, w), (0, 1, 2, 3)))(
+            q, k, v, score_mod
+        )
+        want = jax.jit(jax.grad(_loss("xla", bm, w), (0, 1, 2, 3)))(
+            up(q), up(k), up(v), score_mod
+        )
+    else:  # None, or a closure: constant
+
+        def grads(backend, *qkv):
+            loss = _loss(backend, bm, w)
+            return jax.jit(jax.grad(lambda *a: loss(*a, score_mod), (0, 1, 2)))(*qkv)
+
+        got = grads("mosaic", q, k, v)
+        want = grads("xla", up(q), up(k), up(v))
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         a, b = np.asarray(up(a)), np.asarray(b)
         assert not np.isnan(a).any()
@@ -70,19 +91,24 @@ def test_forward_and_gradients_match_xla(name):
 
 
 def test_parameter_gradients_are_bitwise_deterministic():
-    """Five runs of a learnable ALiBi + per-query-bias mod give identical bits."""
+    """Five runs of a learnable ALiBi + per-query bias + relative-position table mod
+    give identical bits."""
     bias = jnp.linspace(-0.5, 0.5, L).astype(jnp.float32)
+    table = jax.random.normal(jax.random.key(6), (H, 2 * L - 1), jnp.float32)
 
     class Mod(score_mods.Alibi):
         bias: jax.Array
+        relative: score_mods.RelativePositionBias
 
-        def __init__(self, slopes, bias):
+        def __init__(self, slopes, bias, table):
             self.slopes, self.bias = slopes, bias
+            self.relative = score_mods.RelativePositionBias(H, L, table=table)
 
         def __call__(self, s, b, h, q, kv):
-            return super().__call__(s, b, h, q, kv) + self.bias[q]
+            s = super().__call__(s, b, h, q, kv) + self.bias[q]
+            return self.relative(s, b, h, q, kv)
 
-    mod = Mod(jnp.linspace(0.05, 0.5, H).astype(jnp.float32), bias)
+    mod = Mod(jnp.linspace(0.05, 0.5, H).astype(jnp.float32), bias, table)
     q, k, v, w = _inputs(1)
     bm = fa.create_block_mask(masks.causal_mask, None, None, L, L)
     grad = jax.jit(jax.grad(_loss("mosaic", bm, w), (0, 1, 2, 3)))
