@@ -46,7 +46,6 @@ from ._mosaic_mods import (
     SHEAR_WIDTH,
     signal_scratch,
     sweep,
-    tile_tables,
     warpgroup_sync,
     WG,
 )
@@ -113,9 +112,8 @@ def dq_kernel(
     bkv, stages = s.block_kv, s.num_stages
     mq = s.lq_pad // (2 * ROWS)
     mask_b, mask_h = blocks.shape[:2]
-    pads = (s.lq_pad, s.lkv_pad)
-    score_tables = tile_tables(score_mod, "q", ROWS, *pads)
-    mask_tables = tile_tables(mask_mod, "q", ROWS, *pads)
+    score_tables = () if score_mod is None else score_mod.tables
+    mask_tables = mask_mod.tables
     n_score, n_mask = len(score_tables), len(mask_tables)
     grads = _grad_tables(score_mod, want_tables, ("scalar", "q"))
     lengths = (
@@ -137,8 +135,12 @@ def dq_kernel(
         q_smem2, do_smem2, k_smem, v_smem, row_smem2, a_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
         k_released, v_released = make_signals(named, families, signal_bars)
-        score_tiles = ModTiles(score_mod, score_refs, tile, "q", pads, lengths)
-        mask_tiles = ModTiles(mask_mod, mask_refs, tile, "q", pads, lengths)
+        score_tiles = ModTiles(
+            score_mod, score_refs, tile, "q", s.lq_pad, lengths, s.interpret
+        )
+        mask_tiles = ModTiles(
+            mask_mod, mask_refs, tile, "q", s.lq_pad, lengths, s.interpret
+        )
 
         h = lax.axis_index("heads")
         qi = mq - 1 - lax.axis_index("q")
@@ -307,9 +309,8 @@ def dkv_kernel(
     nkv = s.lkv_pad // (2 * ROWS)
     mq = s.lq_pad // ROWS
     work_b = work.shape[0]
-    pads = (s.lq_pad, s.lkv_pad)
-    score_tables = tile_tables(score_mod, "kv", ROWS, *pads)
-    mask_tables = tile_tables(mask_mod, "kv", ROWS, *pads)
+    score_tables = () if score_mod is None else score_mod.tables
+    mask_tables = mask_mod.tables
     n_score, n_mask = len(score_tables), len(mask_tables)
     lengths = (
         s.lq if s.lq_pad != s.lq else None,
@@ -331,8 +332,12 @@ def dkv_kernel(
         (released,) = make_signals(named, families, signal_bars)
         k_smem2, v_smem2, q_smem, do_smem, lse_smem, dlt_smem, a_smem2, shear2 = smem
         q_bars, do_bars, lse_bars, dlt_bars, kv_bars = barriers
-        score_tiles = ModTiles(score_mod, score_refs, tile, "kv", pads, lengths)
-        mask_tiles = ModTiles(mask_mod, mask_refs, tile, "kv", pads, lengths)
+        score_tiles = ModTiles(
+            score_mod, score_refs, tile, "kv", s.lq_pad, lengths, s.interpret
+        )
+        mask_tiles = ModTiles(
+            mask_mod, mask_refs, tile, "kv", s.lq_pad, lengths, s.interpret
+        )
 
         kvh = lax.axis_index("heads")
         ki = nkv - 1 - lax.axis_index("kv")

@@ -35,7 +35,6 @@ from ._mosaic_mods import (
     produce_kv,
     signal_scratch,
     sweep,
-    tile_tables,
 )
 from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
@@ -85,9 +84,8 @@ def forward(
     bq, bkv, stages = s.block_q, s.block_kv, s.num_stages
     mq = s.lq_pad // (2 * bq)
     mask_b, mask_h = blocks.shape[:2]
-    pads = (s.lq_pad, s.lkv_pad)
-    score_tables = tile_tables(score_mod, "q", bq, *pads)
-    mask_tables = tile_tables(mask_mod, "q", bq, *pads)
+    score_tables = () if score_mod is None else score_mod.tables
+    mask_tables = mask_mod.tables
     n_score = len(score_tables)
     wg_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
@@ -130,8 +128,12 @@ def forward(
         out_ref, lse_ref = refs[n_score + len(mask_tables) : -1]
         scoped = refs[-1]
         lengths = (s.lq if q_ragged else None, s.lkv if kv_ragged else None)
-        score_tiles = ModTiles(score_mod, score_refs, (bq, bkv), "q", pads, lengths)
-        mask_tiles = ModTiles(mask_mod, mask_refs, (bq, bkv), "q", pads, lengths)
+        score_tiles = ModTiles(
+            score_mod, score_refs, (bq, bkv), "q", s.lq_pad, lengths, s.interpret
+        )
+        mask_tiles = ModTiles(
+            mask_mod, mask_refs, (bq, bkv), "q", s.lq_pad, lengths, s.interpret
+        )
         smem, barriers, signal_bars = scoped
         q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers

@@ -5,9 +5,8 @@ A kernel holds a tile of scores of shape `(R, C)` in the WGMMA layout whose rows
 query positions (forward, dq) or key positions (dk/dv, which works on `Sᵀ`).
 `ModTiles` loads a `KernelMod`'s tables for such a tile — per-program scalars read
 from GMEM, the rows' slice of a row-kind table once, the columns' slice of a
-column-kind table and the Toeplitz tile of a "diag" table (from its skewed copy, see
-`tile_tables`) at every step — builds the index tiles the mod reads, and evaluates
-the mod (or its VJP) elementwise.
+column-kind table and the Toeplitz tile of a "diag" table at every step — builds the
+index tiles the mod reads, and evaluates the mod (or its VJP) elementwise.
 """
 
 from __future__ import annotations
@@ -29,47 +28,85 @@ ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per tile row
 COL = plgpu.Layout.WGMMA.reduce(0)  # one value per tile column
 
 
-def tile_tables(mod: KernelMod | None, rows: str, r: int, lq_pad: int, lkv_pad: int):
-    """`mod`'s tables as `ModTiles` reads them on tiles of `r` rows of `rows` ("q" or
-    "kv") positions: every "diag" table `T (B|1, H|1, Lq_pad + Lkv_pad - 1)` skewed
-    into `W (B|1, H|1, r, Lq_pad + Lkv_pad - r)`, whose rows are the tile's rows and
-    whose columns are shifted by one per row, so that the values of any tile are the
-    rectangle of `W` at one column offset (`ModTiles._diag_column`); the others as
-    they are."""
-    if mod is None:
-        return ()
-    width = lq_pad + lkv_pad - r
-    i = jnp.arange(r)[:, None]
-    c = jnp.arange(width)[None, :]
-    # Tile row i, column j of a tile at (row0, col0) reads W[i, c0 + j] with
-    # c0 = col0 - row0 + (rows_pad - r), which must be T[diag_index(q, kv, Lq_pad)].
-    skew = c - i + (r - 1) if rows == "q" else i - c + (width - 1)
-    return tuple(
-        jnp.take(t, skew, axis=-1) if spec.kind == "diag" else t
-        for t, spec in zip(mod.tables, mod.specs)
+def toeplitz_tile(ref, shape, flip: bool, interpret: bool):
+    """`out[r, c] = ref[c - r + shape[0] - 1]` (`flip`: `ref[r - c + shape[1] - 1]`)
+    for a 1-D float32 `ref` (a GMEM slice of `shape[0] + shape[1] - 1` entries): the
+    tile of a "diag" table, in the WGMMA layout.
+
+    Each thread loads the entries of its own elements (the tile has only
+    `R + C - 1` distinct values, which stay in the L1 cache); Pallas has no such
+    gather, so it is written with `plgpu.inline_mgpu`. The interpreter runs no
+    `inline_mgpu`: there the same tile comes from `jnp.take`.
+    """
+    rows, cols = shape
+    off = cols - 1 if flip else rows - 1
+    if interpret:
+        r = lax.broadcasted_iota(jnp.int32, shape, 0)
+        c = lax.broadcasted_iota(jnp.int32, shape, 1)
+        return jnp.take(ref[...], (r - c if flip else c - r) + off)
+
+    from jax.experimental.mosaic import gpu as mgpu
+    from jaxlib.mlir import ir
+    from jaxlib.mlir.dialects import arith, llvm, memref
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.RefType(),),
+        return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=WG),
     )
+    def gather(_, table):
+        index = ir.IndexType.get()
+
+        def load(_, rc):
+            r, c = rc
+            k = arith.subi(r, c) if flip else arith.subi(c, r)
+            return memref.load(table, [arith.addi(k, arith.constant(index, off))])
+
+        undef = llvm.mlir_undef(ir.F32Type.get())
+        tile = mgpu.FragmentedArray.splat(undef, shape, WG.to_mgpu())
+        return tile.foreach(load, create_array=True)
+
+    return gather(ref)
 
 
 class ModTiles:
     """One mod on `(R, C)` tiles whose rows are `rows` ("q" or "kv") positions.
 
-    `refs` are the tables as `tile_tables` passes them; `pads = (Lq_pad, Lkv_pad)` the
-    padded lengths; `lengths = (Lq, Lkv)`: the true lengths (positions past them are
-    clamped before a mod sees them) when the corresponding axis is padded, else None.
+    `lq_pad` is the padded query length ("diag" tables are indexed by
+    `_mods.diag_index`); `lengths = (Lq, Lkv)`: the true lengths (positions past them
+    are clamped before a mod sees them) when the corresponding axis is padded, else
+    None; `interpret`: running in the interpreter.
     """
 
-    def __init__(self, mod: KernelMod | None, refs, shape, rows: str, pads, lengths):
+    def __init__(
+        self,
+        mod: KernelMod | None,
+        refs,
+        shape,
+        rows: str,
+        lq_pad: int,
+        lengths,
+        interpret: bool,
+    ):
         self.mod = mod
         self.refs = refs
         self.shape = shape
         self.rows = rows
-        self.pads = dict(zip(("q", "kv"), pads))
+        self.lq_pad = lq_pad
         self.lengths = dict(zip(("q", "kv"), lengths))
+        self.interpret = interpret
 
-    def _diag_column(self, row0, col0):
-        """The column of a skewed "diag" table where the tile at (row0, col0)
-        starts."""
-        return col0 - row0 + (self.pads[self.rows] - self.shape[0])
+    def _diagonals(self, ref, row0, col0):
+        """The Toeplitz tile of a "diag" table `ref` (of this program's batch and
+        head) at `(row0, col0)`."""
+        rows, cols = self.shape
+        # The table's entries from the tile's first diagonal (its bottom-left
+        # element for rows of queries, its top-right one for rows of keys) on.
+        if self.rows == "q":
+            start = col0 - row0 + self.lq_pad - rows
+        else:
+            start = row0 - col0 + self.lq_pad - cols
+        window = ref.at[pl.ds(start, rows + cols - 1)]
+        return toeplitz_tile(window, self.shape, self.rows == "kv", self.interpret)
 
     def _is_row(self, kind: str) -> bool:
         return kind == self.rows
@@ -103,9 +140,7 @@ class ModTiles:
             elif self._is_row(spec.kind):
                 out.append(lax.broadcast_in_dim(val, self.shape, (0,)))
             elif spec.kind == "diag":
-                c0 = self._diag_column(row0, col0)
-                sl = ref.at[tb, th, :, pl.ds(c0, self.shape[1])]
-                out.append(plgpu.load(sl, layout=WG, optimized=False))
+                out.append(self._diagonals(ref.at[tb, th], row0, col0))
             else:
                 sl = ref.at[tb, th, pl.ds(col0, self.shape[1])]
                 col = plgpu.load(sl, layout=COL, optimized=False)
