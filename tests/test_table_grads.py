@@ -246,7 +246,12 @@ def test_diagonal_partials_place_every_tile_on_its_diagonals():
             for key in range(64):
                 n = diag_index(64 * qt + np.arange(64), 64 * kt + key, lq_pad)
                 want[:, :, n] += tile[:, :, key]
-    got = diagonal_partials(jnp.asarray(partials), jnp.asarray(visited), lq_pad)
-    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)  # float32
+    partials, visited = jnp.asarray(partials), jnp.asarray(visited)
+    per_head = OperandSpec("diag", False, True, jnp.float32)
+    got = diagonal_partials(partials, visited, lq_pad, per_head)
+    np.testing.assert_allclose(got, want.sum(0, keepdims=True), rtol=1e-5, atol=1e-5)
+    every = OperandSpec("diag", True, True, jnp.float32)
+    got = diagonal_partials(partials, visited, lq_pad, every)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # float32
     with pytest.raises(ValueError, match="do not fit"):
-        diagonal_partials(jnp.asarray(partials), jnp.asarray(visited), lq_pad + 64)
+        diagonal_partials(partials, visited, lq_pad + 64, every)

@@ -404,13 +404,17 @@ def dkv_kernel(
                 plgpu.barrier_wait(dlt_bars.at[slot])
                 dlt = plgpu.load(dlt_smem.at[slot], layout=COL)
                 dst = pt * (dpt - lax.broadcast_in_dim(dlt, tile, (1,)))
+                dvals = {}
                 if score_mod is not None:
                     dst, dvals = score_tiles.score_vjp(
                         raw, b, h, kv0, q0, vals, dst, bool(diag_grads)
                     )
+
+                def diagonals():  # "diag" table partials, while the wgmmas run
                     for i, ref in zip(diag_grads, diag_refs):
                         sums = diagonal_sums(dvals[i], shear, sync)
                         ref.at[b, h, 2 * ki + wg, qt][...] = sums
+
                 # dV += Pᵀ dO and dK += dSᵀ Q in flight together.
                 dv, dk = mma_group(
                     [
@@ -418,6 +422,7 @@ def dkv_kernel(
                         (dk, dst.astype(dtype), q_smem.at[slot], a_smem(1)),
                     ],
                     s.interpret,
+                    diagonals if diag_grads else None,
                 )
                 released.arrive(slot)
                 return dk, dv

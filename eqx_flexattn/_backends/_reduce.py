@@ -115,15 +115,17 @@ def diagonal_partials(
     partials: Float[Array, "b h nkt mq 128"],
     visited: Bool[Array, "#b #h nkt mq"],
     lq_pad: int,
-) -> Float[Array, "b h diagonals"]:
+    spec: OperandSpec,
+) -> Float[Array, "#b #h diagonals"]:
     """A "diag" table's gradient partials per diagonal, from a kernel's per-tile sums.
 
     `partials[b, h, kt, qt, x]` is the sum of the table's cotangents on the diagonal
     `kv_idx - q_idx = 64 (kt - qt) + 64 - x` of the 64x64 tile (key tile `kt`, query
     tile `qt`), where `visited` (else ignored: those tiles were not computed). Returns
-    `(B, H, Lq_pad + Lkv_pad - 1)`, entry `diag_index(q_idx, kv_idx, Lq_pad)`, for
-    [`reduce_table_grads`][]. Tiles are summed along each tile diagonal with static
-    reshapes and one reduction (no scatter: deterministic).
+    `(B|1, H|1, Lq_pad + Lkv_pad - 1)`, entry `diag_index(q_idx, kv_idx, Lq_pad)`, for
+    [`reduce_table_grads`][]; the batch (head) axis is summed first when the table
+    `spec` has none. Tiles are summed along each tile diagonal with static reshapes
+    and reductions (no scatter: deterministic).
     """
     b, h, nkt, mq, n = partials.shape
     if n != 128 or mq * 64 != lq_pad:
@@ -132,6 +134,9 @@ def diagonal_partials(
             "(expected (B, H, Nkt, Lq_pad / 64, 128))."
         )
     x = jnp.where(visited[..., None], partials.astype(PARTIAL_DTYPE), 0.0)
+    axes = (() if spec.batch else (0,)) + (() if spec.head else (1,))
+    x = jnp.sum(x, axis=axes, keepdims=True)
+    b, h = x.shape[:2]
     # Entry y = 127 - x of tile (kt, qt) is the table's entry 64 m + y, with
     # m = kt - qt + mq - 1: shear row r = mq - 1 - qt right by r, then sum rows.
     x = jnp.flip(x, axis=(3, 4)).swapaxes(2, 3)  # (b, h, r, kt, y)

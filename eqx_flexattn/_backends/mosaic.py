@@ -326,7 +326,9 @@ class MosaicBackend(AbstractBackend):
             if diag_partials:
                 visited = _visited_tiles(problem, lq_pad, lkv_pad)
                 for i, part in diag_partials.items():
-                    row_grads[i] = diagonal_partials(part, visited, lq_pad)
+                    row_grads[i] = diagonal_partials(
+                        part, visited, lq_pad, score.specs[i]
+                    )
         if need_mod:
             dmod = _table_vjp(problem, score, row_grads, lq_pad, lkv_pad)
         return grads_like(problem, dq, dk, dv_, dmod)
