@@ -14,7 +14,10 @@ first, then partial ones (mask mod applied).
 - dK/dV: one program per (key/value head, 128-key block, batch), streaming the Q/dO
   tiles (64 rows) of the block's transposed lists for every query head of the group
   (GQA is summed in registers); it works on `Sᵀ` (rows are keys):
-  `dV += Pᵀ dO`, `dK += dSᵀ Q`.
+  `dV += Pᵀ dO`, `dK += dSᵀ Q`. For every float table of kind "diag" (relative
+  positions) it also returns the sums of the score mod's VJP along the diagonals of
+  each 64x64 tile (`_mosaic_mods.diagonal_sums`), placed on the table afterwards
+  (`_reduce.diagonal_partials`; no atomics).
 """
 
 from __future__ import annotations

@@ -282,42 +282,21 @@ class MosaicBackend(AbstractBackend):
         }
         need_diag = "diag" in learnt
 
+        operands = (qp, kp, vp, dop, lse2, delta)  # both kernels' leading inputs
         dq = dmod = None
         row_grads = {}
         if perturbed.q or learnt & {"scalar", "q"}:
             rows = _mosaic_fwd.tile_rows(cfg.block_q)
             counts, blocks = _block_lists(problem, rows, bkv, kv_ragged)
             dq, row_grads = _mosaic_bwd.dq_kernel(
-                shape,
-                qp,
-                kp,
-                vp,
-                dop,
-                lse2,
-                delta,
-                counts,
-                blocks,
-                score,
-                mask,
-                need_mod,
+                shape, *operands, counts, blocks, score, mask, need_mod
             )
             dq = dq[:, :, :lq, :d] if perturbed.q else None
         dk = dv_ = None
         if perturbed.k or perturbed.v or need_diag:
             counts, work = _work_lists(problem, hkv, lq_pad // 64, kv_ragged)
             dk, dv_, diag_partials = _mosaic_bwd.dkv_kernel(
-                shape,
-                qp,
-                kp,
-                vp,
-                dop,
-                lse2,
-                delta,
-                counts,
-                work,
-                score,
-                mask,
-                need_diag,
+                shape, *operands, counts, work, score, mask, need_diag
             )
             if perturbed.k or perturbed.v:
                 dk, dv_ = dk[:, :, :lkv, :d], dv_[:, :, :lkv, :dv]
