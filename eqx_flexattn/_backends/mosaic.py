@@ -36,6 +36,10 @@ from .xla import XlaBackend
 
 logger = logging.getLogger("eqx_flexattn")
 
+# jax 0.12's Mosaic GPU layout inference fails on (or takes forever over) the
+# shared-memory shear of `_mosaic_mods.diagonal_sums`; its interpreter runs it.
+_DIAGONAL_SUMS_UNLOWERED = jax.__version_info__ >= (0, 12)
+
 
 class MosaicConfig(AbstractConfig):
     """Options of the `mosaic` backend.
@@ -319,8 +323,18 @@ class MosaicBackend(AbstractBackend):
             return f"head dims over 128 (D={d}, Dv={dv}) exceed the registers"
         if need_mod:
             for spec in kernel_mod_specs(problem.score_mod):
-                if spec.kind == "kv" and jnp.issubdtype(spec.dtype, jnp.floating):
+                if not jnp.issubdtype(spec.dtype, jnp.floating):
+                    continue
+                if spec.kind == "kv":
                     return "gradients of per-key score-mod tables are not in the kernel"
+                if spec.kind == "diag" and _DIAGONAL_SUMS_UNLOWERED:
+                    if not self.config(problem).interpret:
+                        return (
+                            "the diagonal sums behind relative-position table "
+                            f"gradients do not lower with jax {jax.__version__} "
+                            "(its Mosaic GPU layout inference; lowered and run "
+                            "on jax 0.11)"
+                        )
         return None
 
 
