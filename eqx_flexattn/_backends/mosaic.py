@@ -25,6 +25,7 @@ if jax.__version_info__ < (0, 11):  # the registry turns this into a decline rea
         f"the Mosaic GPU kernels need jax >= 0.11, this is jax {jax.__version__}"
     )
 
+from .._block_mask import BlockMask
 from .._mods import INDEX_DTYPE, kernel_mod, kernel_mod_specs, KernelMod
 from . import _mosaic_bwd, _mosaic_fwd
 from ._base import AbstractBackend, AttentionProblem, grads_like
@@ -113,15 +114,21 @@ def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
+DKV_TILES = (64, 128)  # the dK/dV kernel's (query tile, key block)
+
+
+def _mask_at(problem: AttentionProblem, rows: int, cols: int) -> BlockMask:
+    """The problem's BlockMask at a kernel's tiles `(rows, cols)`."""
+    bm = problem.block_mask
+    return bm if bm.block_size == (rows, cols) else bm.at_block_size(rows, cols)
+
+
 def _block_lists(problem: AttentionProblem, rows: int, cols: int, kv_ragged: bool):
     """(counts (B|1, H|1, Mq, 2), blocks (B|1, H|1, Mq, Nkv)) at the kernel's tiles:
     each query block's number of full blocks and of all blocks, and its key blocks,
     full ones first. A ragged last key block is always partial (its padding must be
     masked)."""
-    bm = problem.block_mask
-    if bm.block_size != (rows, cols):
-        bm = bm.at_block_size(rows, cols)
-    (p_num, p_idx), (f_num, f_idx) = bm.block_lists()
+    (p_num, p_idx), (f_num, f_idx) = _mask_at(problem, rows, cols).block_lists()
     n = p_idx.shape[-1]
     j = jnp.arange(n, dtype=INDEX_DTYPE)
     f_valid = j < f_num[..., None]
@@ -298,7 +305,9 @@ class MosaicBackend(AbstractBackend):
             dq = dq[:, :, :lq, :d] if perturbed.q else None
         dk = dv_ = None
         if perturbed.k or perturbed.v or need_diag:
-            counts, work = _work_lists(problem, hkv, lq_pad // 64, kv_ragged)
+            dkv_mask = _mask_at(problem, *DKV_TILES)
+            hq = problem.q.shape[1]
+            counts, work = _work_lists(dkv_mask, hq, hkv, lq_pad // 64, kv_ragged)
             dk, dv_, diag_partials = _mosaic_bwd.dkv_kernel(
                 shape, *operands, counts, work, score, mask, need_diag
             )
@@ -307,7 +316,7 @@ class MosaicBackend(AbstractBackend):
             else:  # run for the diagonal sums alone
                 dk = dv_ = None
             if diag_partials:
-                visited = _visited_tiles(problem, lq_pad, lkv_pad)
+                visited = _visited_tiles(dkv_mask, lq_pad, lkv_pad)
                 for i, part in diag_partials.items():
                     row_grads[i] = diagonal_partials(
                         part, visited, lq_pad, score.specs[i]
@@ -338,12 +347,10 @@ class MosaicBackend(AbstractBackend):
         return None
 
 
-def _visited_tiles(problem: AttentionProblem, lq_pad: int, lkv_pad: int):
+def _visited_tiles(bm: BlockMask, lq_pad: int, lkv_pad: int):
     """`(B|1, H|1, Lkv_pad / 64, Lq_pad / 64)` bool: the 64x64 tiles (key tile, query
-    tile) that the dK/dV kernel computes (its key blocks are 128 keys)."""
-    bm = problem.block_mask
-    if bm.block_size != (64, 128):
-        bm = bm.at_block_size(64, 128)
+    tile) that the dK/dV kernel computes from `bm` (at `DKV_TILES`: its key blocks
+    are 128 keys)."""
     # Unchecked: the dK/dV kernel ran on these same lists (and the checks'
     # `eqx.error_if` would not lower for the GPU off one).
     partial, full = bm._states(check=False)
@@ -366,18 +373,14 @@ def _table_vjp(problem, score: KernelMod, row_grads: dict, lq_pad: int, lkv_pad:
     return table_vjp(build, problem.score_mod, grads)
 
 
-def _work_lists(problem: AttentionProblem, hkv: int, mq_pad: int, kv_ragged: bool):
-    """The dK/dV kernel's lists: per (batch, kv head, 128-key block), the 64-row query
-    tiles of every query head of the group, coded `j * mq_pad + i` (`mq_pad`: the
-    kernel's number of query tiles, `Lq_pad / 64`), full ones first;
-    `counts (B|1, Hkv, Nkv, 2)` (full, all). Every tile of a ragged last key block
-    counts as partial (its padded keys must be masked)."""
-    bm = problem.block_mask
-    if bm.block_size != (64, 128):
-        bm = bm.at_block_size(64, 128)
+def _work_lists(bm: BlockMask, hq: int, hkv: int, mq_pad: int, kv_ragged: bool):
+    """The dK/dV kernel's lists from `bm` (at `DKV_TILES`): per (batch, kv head,
+    128-key block), the 64-row query tiles of every query head of the group, coded
+    `j * mq_pad + i` (`mq_pad`: the kernel's number of query tiles, `Lq_pad / 64`),
+    full ones first; `counts (B|1, Hkv, Nkv, 2)` (full, all). Every tile of a ragged
+    last key block counts as partial (its padded keys must be masked)."""
     (p_num, p_idx), (f_num, f_idx) = bm.block_lists(transposed=True)
     mb, mh, nkv, mq = p_idx.shape
-    hq = problem.q.shape[1]
     g = hq // hkv
 
     def by_group(num, idx):
