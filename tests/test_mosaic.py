@@ -217,6 +217,23 @@ PERSISTENT_CASES = [
         None,
         (None, 3),
     ),
+    # Each program walks runs of empty tiles: its consumers must still meet once per
+    # tile (a one-way hand-off there let one run two tiles ahead: a barrier-phase
+    # violation that the interpreter reports).
+    (
+        "runs_of_empty_tiles",
+        1,
+        4,
+        1,
+        768,
+        768,
+        64,
+        64,
+        jnp.bfloat16,
+        lambda b, h, q, kv: (q >= 640) & (kv <= q),
+        None,
+        (None, None),
+    ),
 ]
 
 

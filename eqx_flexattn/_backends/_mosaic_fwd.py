@@ -94,11 +94,11 @@ def forward(
     named = not s.interpret
     # Hand-offs: each consumer releases K and V ring slots to the producer; the
     # consumers pass the tensor cores to each other (`turn[w]`: warpgroup w's go)
-    # and, in a persistent kernel, meet between tiles (`meet[w]`: w may go on).
+    # and, in a persistent kernel, meet between tiles (`meet`: both may go on).
     n_tiles = s.hq * mq * s.b
     persistent = s.programs > 0
     families = [(stages, 2, 1), (stages, 2, 1), (2, 1, 1)]
-    families += [(2, 1, 1)] if persistent else []
+    families += [(1, 2, 0)] if persistent else []
     n_programs = min(s.programs, n_tiles)
 
     def tile_at(k):
@@ -175,9 +175,10 @@ def forward(
 
             if persistent:
                 # Both consumers are done with the previous tile's turns (warpgroup
-                # 0's last go must reach warpgroup 1 before its next Q·Kᵀ does).
-                meet.arrive(1 - wg)
-                meet.wait(wg)
+                # 0's last go must reach warpgroup 1 before its next Q·Kᵀ does). A
+                # rendezvous, not two hand-offs: after a tile with an empty block
+                # list, nothing else would keep warpgroup 0 a round behind.
+                meet.meet(0)
             pl.when(wg == 1)(lambda: turn.wait(1))  # warpgroup 0 goes first
 
             def step(t, carry, *, apply_mask: bool):

@@ -402,6 +402,16 @@ class Signals:
         else:
             plgpu.barrier_wait(self.mbarriers.at[i])
 
+    def meet(self, i) -> None:
+        """A rendezvous of all `arrivals` warpgroups at signal `i` (with `waiters=0`):
+        each arrives and waits for the others. Unlike a pair of one-way hand-offs,
+        no party can pass two rounds while another has yet to observe the first."""
+        if self.mbarriers is None:
+            _named_barrier("sync", self._id(i), self._threads)
+        else:
+            plgpu.barrier_arrive(self.mbarriers.at[i])
+            plgpu.barrier_wait(self.mbarriers.at[i])
+
 
 def make_signals(named: bool, families, mbarriers) -> list[Signals]:
     """`Signals` for `families = [(n, arrivals, waiters), ...]`: consecutive named
