@@ -34,21 +34,20 @@ from .._mods import KernelMod
 from ._mosaic_mods import (
     apply_keep,
     COL,
-    compiler_params,
     diagonal_sums,
     DIAGONALS,
     drain,
-    interpret_params,
+    KernelMods,
     make_signals,
     mma_group,
-    ModTiles,
     NAMED_BARRIERS,
     produce,
     produce_kv,
     ROW,
+    run_scoped_warpgroups,
     SHEAR_WIDTH,
-    signal_scratch,
     sweep,
+    warp_specialized,
     warpgroup_sync,
     WG,
 )
@@ -94,6 +93,25 @@ def _grad_tables(mod: KernelMod | None, want: bool, kinds) -> list[int]:
     ]
 
 
+def _log2_scores(tiles, raw, at, fixed, apply_mask: bool, kv_bound):
+    """A backward kernel's recomputed scores in log2 units: the score mod on the
+    scaled `raw` tile, then (`apply_mask`: a partial block) the mask. `tiles` are
+    the (score, mask) `ModTiles`, `at = (b, h, row0, col0)`, `fixed` makes each
+    one's per-program values. Returns them and the score mod's values (its VJP
+    reads them)."""
+    score_tiles, mask_tiles = tiles
+    vals = None
+    if score_tiles.mod is not None:
+        vals = score_tiles.values(*at, fixed[0]())
+        sc = score_tiles.score(raw, *at, vals) * LOG2_E
+    else:
+        sc = raw * LOG2_E
+    if apply_mask:
+        mvals = mask_tiles.values(*at, fixed[1]())
+        sc = apply_keep(sc, mask_tiles.keep(*at, mvals, kv_bound))
+    return sc, vals
+
+
 def dq_kernel(
     shape: BackwardShape,
     q,
@@ -115,15 +133,8 @@ def dq_kernel(
     bkv, stages = s.block_kv, s.num_stages
     mq = s.lq_pad // (2 * ROWS)
     mask_b, mask_h = blocks.shape[:2]
-    score_tables = () if score_mod is None else score_mod.tables
-    mask_tables = mask_mod.tables
-    n_score, n_mask = len(score_tables), len(mask_tables)
+    mods = KernelMods(score_mod, mask_mod, s)
     grads = _grad_tables(score_mod, want_tables, ("scalar", "q"))
-    lengths = (
-        s.lq if s.lq_pad != s.lq else None,
-        s.lkv if s.lkv_pad != s.lkv else None,
-    )
-    kv_bound = s.lkv if s.lkv_pad != s.lkv else None
     tile = (ROWS, bkv)
     named = not s.interpret
     families = [(stages, 2, 1), (stages, 2, 1)]  # K, V slots released
@@ -131,19 +142,13 @@ def dq_kernel(
     def kernel(
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, blocks_ref, *refs
     ):
-        score_refs = refs[:n_score]
-        mask_refs = refs[n_score : n_score + n_mask]
-        dq_ref, *grad_refs = refs[n_score + n_mask : -1]
-        smem, barriers, signal_bars = refs[-1]
+        score_tiles, mask_tiles, (dq_ref, *grad_refs, scoped) = mods.tiles(
+            refs, tile, "q"
+        )
+        smem, barriers, signal_bars = scoped
         q_smem2, do_smem2, k_smem, v_smem, row_smem2, a_smem2 = smem
         k_barriers, v_barriers, q_barriers = barriers
         k_released, v_released = make_signals(named, families, signal_bars)
-        score_tiles = ModTiles(
-            score_mod, score_refs, tile, "q", s.lq_pad, lengths, s.interpret
-        )
-        mask_tiles = ModTiles(
-            mask_mod, mask_refs, tile, "q", s.lq_pad, lengths, s.interpret
-        )
 
         h = lax.axis_index("heads")
         qi = mq - 1 - lax.axis_index("q")
@@ -191,14 +196,14 @@ def dq_kernel(
                 )
                 v_released.arrive(slot)
                 raw = raw * s.scale
-                if score_mod is not None:
-                    vals = score_tiles.values(b, h, q0, kv0, score_fixed)
-                    sc = score_tiles.score(raw, b, h, q0, kv0, vals) * LOG2_E
-                else:
-                    sc = raw * LOG2_E
-                if apply_mask:
-                    mvals = mask_tiles.values(b, h, q0, kv0, mask_fixed)
-                    sc = apply_keep(sc, mask_tiles.keep(b, h, q0, kv0, mvals, kv_bound))
+                sc, vals = _log2_scores(
+                    (score_tiles, mask_tiles),
+                    raw,
+                    (b, h, q0, kv0),
+                    (lambda: score_fixed, lambda: mask_fixed),
+                    apply_mask,
+                    mods.kv_bound,
+                )
                 p = jnp.exp2(sc - rowwise(lse, sc))
                 ds = p * (dp - rowwise(dlt, dp))
                 if score_mod is not None:
@@ -252,32 +257,26 @@ def dq_kernel(
             if s.interpret
             else None,
         ]
-        pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped),
+        run_scoped_warpgroups(
+            lambda scoped: kernel(*refs, scoped),
             smem,
             (
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=4),
             ),
-            signal_scratch(named, families),
-            collective_axes="wg",
+            named,
+            families,
         )
 
     out_type = [jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad, s.d), dtype)]
     out_type += [
         jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad), jnp.float32) for _ in grads
     ]
-    outs = plgpu.kernel(
-        entry,
-        out_type=tuple(out_type),
-        grid=(s.hq, mq, s.b),
-        grid_names=("heads", "q", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=compiler_params(named),
-        **interpret_params(s.interpret),
-    )(q, k, v, do, lse2, delta, counts, blocks, *score_tables, *mask_tables)
+    grid, grid_names = (s.hq, mq, s.b), ("heads", "q", "batch")
+    outs = warp_specialized(entry, tuple(out_type), grid, grid_names, s.interpret)(
+        q, k, v, do, lse2, delta, counts, blocks, *mods.tables
+    )
     return outs[0], dict(zip(grads, outs[1:]))
 
 
@@ -312,14 +311,7 @@ def dkv_kernel(
     nkv = s.lkv_pad // (2 * ROWS)
     mq = s.lq_pad // ROWS
     work_b = work.shape[0]
-    score_tables = () if score_mod is None else score_mod.tables
-    mask_tables = mask_mod.tables
-    n_score, n_mask = len(score_tables), len(mask_tables)
-    lengths = (
-        s.lq if s.lq_pad != s.lq else None,
-        s.lkv if s.lkv_pad != s.lkv else None,
-    )
-    kv_bound = s.lkv if s.lkv_pad != s.lkv else None
+    mods = KernelMods(score_mod, mask_mod, s)
     tile = (ROWS, ROWS)  # (keys, queries)
     named = not s.interpret
     families = [(stages, 2, 1)]  # Q/dO/lse/delta slots released
@@ -328,19 +320,13 @@ def dkv_kernel(
     def kernel(
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, work_ref, *refs
     ):
-        score_refs = refs[:n_score]
-        mask_refs = refs[n_score : n_score + n_mask]
-        dk_ref, dv_ref, *diag_refs = refs[n_score + n_mask : -1]
-        smem, barriers, signal_bars = refs[-1]
+        score_tiles, mask_tiles, (dk_ref, dv_ref, *diag_refs, scoped) = mods.tiles(
+            refs, tile, "kv"
+        )
+        smem, barriers, signal_bars = scoped
         (released,) = make_signals(named, families, signal_bars)
         k_smem2, v_smem2, q_smem, do_smem, lse_smem, dlt_smem, a_smem2, shear2 = smem
         q_bars, do_bars, lse_bars, dlt_bars, kv_bars = barriers
-        score_tiles = ModTiles(
-            score_mod, score_refs, tile, "kv", s.lq_pad, lengths, s.interpret
-        )
-        mask_tiles = ModTiles(
-            mask_mod, mask_refs, tile, "kv", s.lq_pad, lengths, s.interpret
-        )
 
         kvh = lax.axis_index("heads")
         ki = nkv - 1 - lax.axis_index("kv")
@@ -391,16 +377,17 @@ def dkv_kernel(
                     s.interpret,
                 )
                 raw = raw * s.scale
-                if score_mod is not None:
-                    fixed = score_tiles.fixed(b, h, kv0)
-                    vals = score_tiles.values(b, h, kv0, q0, fixed)
-                    sc = score_tiles.score(raw, b, h, kv0, q0, vals) * LOG2_E
-                else:
-                    sc = raw * LOG2_E
-                if apply_mask:
-                    mfixed = mask_tiles.fixed(b, h, kv0)
-                    mvals = mask_tiles.values(b, h, kv0, q0, mfixed)
-                    sc = apply_keep(sc, mask_tiles.keep(b, h, kv0, q0, mvals, kv_bound))
+                sc, vals = _log2_scores(
+                    (score_tiles, mask_tiles),
+                    raw,
+                    (b, h, kv0, q0),
+                    (
+                        lambda: score_tiles.fixed(b, h, kv0),
+                        lambda: mask_tiles.fixed(b, h, kv0),
+                    ),
+                    apply_mask,
+                    mods.kv_bound,
+                )
                 plgpu.barrier_wait(lse_bars.at[slot])
                 lse = plgpu.load(lse_smem.at[slot], layout=COL)
                 pt = jnp.exp2(sc - lax.broadcast_in_dim(lse, tile, (1,)))
@@ -474,15 +461,15 @@ def dkv_kernel(
             else None,
             plgpu.SMEM((2, ROWS, SHEAR_WIDTH), jnp.float32) if diag_grads else None,
         ]
-        pl.run_scoped(
-            lambda *scoped: kernel(*refs, scoped),
+        run_scoped_warpgroups(
+            lambda scoped: kernel(*refs, scoped),
             smem,
             (
                 *(plgpu.Barrier(num_barriers=stages) for _ in range(4)),
                 plgpu.Barrier(num_barriers=4),
             ),
-            signal_scratch(named, families),
-            collective_axes="wg",
+            named,
+            families,
         )
 
     out_type = (
@@ -492,14 +479,8 @@ def dkv_kernel(
         jax.ShapeDtypeStruct((s.b, s.hq, s.lkv_pad // ROWS, mq, DIAGONALS), jnp.float32)
         for _ in diag_grads
     )
-    dk, dv, *partials = plgpu.kernel(
-        entry,
-        out_type=out_type,
-        grid=(s.hkv, nkv, s.b),
-        grid_names=("heads", "kv", "batch"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=compiler_params(named),
-        **interpret_params(s.interpret),
-    )(q, k, v, do, lse2, delta, counts, work, *score_tables, *mask_tables)
+    grid, grid_names = (s.hkv, nkv, s.b), ("heads", "kv", "batch")
+    dk, dv, *partials = warp_specialized(
+        entry, out_type, grid, grid_names, s.interpret
+    )(q, k, v, do, lse2, delta, counts, work, *mods.tables)
     return dk, dv, dict(zip(diag_grads, partials))

@@ -27,14 +27,13 @@ from .._mods import KernelMod
 from ._mosaic_mods import (
     accumulate_mma,
     apply_keep,
-    compiler_params,
     drain,
-    interpret_params,
+    KernelMods,
     make_signals,
-    ModTiles,
     produce_kv,
-    signal_scratch,
+    run_scoped_warpgroups,
     sweep,
+    warp_specialized,
 )
 from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
@@ -84,13 +83,9 @@ def forward(
     bq, bkv, stages = s.block_q, s.block_kv, s.num_stages
     mq = s.lq_pad // (2 * bq)
     mask_b, mask_h = blocks.shape[:2]
-    score_tables = () if score_mod is None else score_mod.tables
-    mask_tables = mask_mod.tables
-    n_score = len(score_tables)
+    mods = KernelMods(score_mod, mask_mod, s)
     wg_layout = plgpu.Layout.WGMMA
     row_layout = plgpu.Layout.WGMMA.reduce(1)
-    q_ragged = s.lq_pad != s.lq
-    kv_ragged = s.lkv_pad != s.lkv
     named = not s.interpret
     # Hand-offs: each consumer releases K and V ring slots to the producer; the
     # consumers pass the tensor cores to each other (`turn[w]`: warpgroup w's go)
@@ -123,16 +118,8 @@ def forward(
         return lax.fori_loop(jnp.int32(0), n_mine, body, jnp.int32(0))
 
     def kernel(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
-        score_refs = refs[:n_score]
-        mask_refs = refs[n_score : n_score + len(mask_tables)]
-        out_ref, lse_ref = refs[n_score + len(mask_tables) : -1]
-        scoped = refs[-1]
-        lengths = (s.lq if q_ragged else None, s.lkv if kv_ragged else None)
-        score_tiles = ModTiles(
-            score_mod, score_refs, (bq, bkv), "q", s.lq_pad, lengths, s.interpret
-        )
-        mask_tiles = ModTiles(
-            mask_mod, mask_refs, (bq, bkv), "q", s.lq_pad, lengths, s.interpret
+        score_tiles, mask_tiles, (out_ref, lse_ref, scoped) = mods.tiles(
+            refs, (bq, bkv), "q"
         )
         smem, barriers, signal_bars = scoped
         q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
@@ -201,8 +188,8 @@ def forward(
                     sc = sc * LOG2_E
                 if apply_mask:
                     vals = mask_tiles.values(b, h, q0, kv0, mask_static)
-                    bound = s.lkv if kv_ragged else None
-                    sc = apply_keep(sc, mask_tiles.keep(b, h, q0, kv0, vals, bound))
+                    keep = mask_tiles.keep(b, h, q0, kv0, vals, mods.kv_bound)
+                    sc = apply_keep(sc, keep)
                 m_i, alpha, p = softmax_step(m_i, sc, jnp.exp2)
                 acc = acc * rowwise(alpha, acc)
                 l_i = l_i * alpha
@@ -294,8 +281,8 @@ def forward(
             if s.interpret
             else None,
         ]
-        pl.run_scoped(
-            lambda *scoped: kernel(
+        run_scoped_warpgroups(
+            lambda scoped: kernel(
                 q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs, scoped
             ),
             smem,
@@ -304,8 +291,8 @@ def forward(
                 plgpu.Barrier(num_barriers=stages),
                 plgpu.Barrier(num_barriers=2),
             ),
-            signal_scratch(named, families),
-            collective_axes="wg",
+            named,
+            families,
         )
 
     out_type = (
@@ -316,16 +303,9 @@ def forward(
         grid, grid_names = (n_programs,), ("programs",)
     else:
         grid, grid_names = (s.hq, mq, s.b), ("heads", "q", "batch")
-    return plgpu.kernel(
-        entry,
-        out_type=out_type,
-        grid=grid,
-        grid_names=grid_names,
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=compiler_params(named),
-        **interpret_params(s.interpret),
-    )(q, k, v, counts, blocks, *score_tables, *mask_tables)
+    return warp_specialized(entry, out_type, grid, grid_names, s.interpret)(
+        q, k, v, counts, blocks, *mods.tables
+    )
 
 
 def tile_rows(block_q: int) -> int:

@@ -204,6 +204,52 @@ class ModTiles:
         return keep
 
 
+@dataclasses.dataclass(frozen=True)
+class KernelMods:
+    """A kernel's score mod (or None) and mask mod: the tables they add to its
+    operands (score mod's first) and their `ModTiles` on its tiles.
+
+    `shape` is the kernel's static shape (`lq`, `lkv`, `lq_pad`, `lkv_pad`,
+    `interpret`)."""
+
+    score: KernelMod | None
+    mask: KernelMod
+    shape: object
+
+    @property
+    def tables(self) -> tuple:
+        return (() if self.score is None else self.score.tables) + self.mask.tables
+
+    @property
+    def lengths(self) -> tuple:
+        """(Lq, Lkv), each where padded (else None)."""
+        s = self.shape
+        return (
+            s.lq if s.lq_pad != s.lq else None,
+            s.lkv if s.lkv_pad != s.lkv else None,
+        )
+
+    @property
+    def kv_bound(self) -> int | None:
+        """Keys at or past this position are padding (None: none are)."""
+        return self.lengths[1]
+
+    def tiles(self, refs, tile, rows: str) -> tuple[ModTiles, ModTiles, tuple]:
+        """(score tiles, mask tiles, the refs after the tables') for `(R, C)` tiles
+        whose rows are `rows` positions, `refs` starting with the tables' refs."""
+        n_score = 0 if self.score is None else len(self.score.tables)
+        n_mask = len(self.mask.tables)
+        s = self.shape
+        make = lambda mod, r: ModTiles(
+            mod, r, tile, rows, s.lq_pad, self.lengths, s.interpret
+        )
+        return (
+            make(self.score, refs[:n_score]),
+            make(self.mask, refs[n_score : n_score + n_mask]),
+            refs[n_score + n_mask :],
+        )
+
+
 def _eval_with_add(jaxpr, consts, *args):
     """`eval_jaxpr` with `add_any` evaluated as `lax.add`, also in nested calls."""
     env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
@@ -496,3 +542,30 @@ def produce_kv(
 def interpret_params(interpret: bool) -> dict:
     """`plgpu.kernel`'s keyword for the Mosaic GPU interpreter, when asked for."""
     return {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
+
+
+def warp_specialized(entry, out_type, grid, grid_names, interpret: bool):
+    """`plgpu.kernel` of three warpgroups (axis "wg": two consumers and a producer)
+    on `grid` (axes `grid_names`)."""
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=compiler_params(not interpret),
+        **interpret_params(interpret),
+    )
+
+
+def run_scoped_warpgroups(body, smem, barriers, named: bool, families) -> None:
+    """`body((smem, barriers, signal mbarriers))` with those scoped allocations,
+    shared by the kernel's warpgroups (`families`: as for `make_signals`)."""
+    pl.run_scoped(
+        lambda *scoped: body(scoped),
+        smem,
+        barriers,
+        signal_scratch(named, families),
+        collective_axes="wg",
+    )
