@@ -28,6 +28,16 @@ ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per tile row
 COL = plgpu.Layout.WGMMA.reduce(0)  # one value per tile column
 
 
+def read_only_ref_type() -> plgpu.RefType:
+    """An `inline_mgpu` reference argument that is only read. jax >= 0.12 counts a
+    plain `RefType()` as a write and refuses one to a kernel input; jax 0.11 has no
+    `write=` (and no such check)."""
+    try:
+        return plgpu.RefType(write=False)
+    except TypeError:
+        return plgpu.RefType()
+
+
 def toeplitz_tile(ref, shape, flip: bool, interpret: bool):
     """`out[r, c] = ref[c - r + shape[0] - 1]` (`flip`: `ref[r - c + shape[1] - 1]`)
     for a 1-D float32 `ref` (a GMEM slice of `shape[0] + shape[1] - 1` entries): the
@@ -50,7 +60,7 @@ def toeplitz_tile(ref, shape, flip: bool, interpret: bool):
     from jaxlib.mlir.dialects import arith, llvm, memref
 
     @plgpu.inline_mgpu(
-        arg_types=(plgpu.RefType(),),
+        arg_types=(read_only_ref_type(),),
         return_type=plgpu.ShapeDtypeStruct(shape, jnp.float32, layout=WG),
     )
     def gather(_, table):
