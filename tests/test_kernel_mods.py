@@ -8,6 +8,8 @@ import pytest
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
+from eqx_flexattn._backends import _tile_eval
+from eqx_flexattn._backends._mosaic_mods import _scalar_pullback
 from eqx_flexattn._mods import (
     convert_mask_mod,
     convert_score_mod,
@@ -184,3 +186,97 @@ def test_declines_64_bit_arithmetic():
             lq_pad=PAD_Q,
             lkv_pad=PAD_KV,
         )
+
+
+def _tile_inputs(km, b, h, q0, kv0, shape, rows):
+    """What a kernel hands `_tile_eval` for the tile at `q0`, `kv0` (`rows`: "q"
+    or "kv" along the tile's rows): positions and tables as vectors."""
+    axis = {"q": 0 if rows == "q" else 1, "kv": 1 if rows == "q" else 0}
+    n = {"q": shape[axis["q"]], "kv": shape[axis["kv"]]}
+    pos = {
+        w: jnp.arange(n[w], dtype=jnp.int32) + p for w, p in (("q", q0), ("kv", kv0))
+    }
+    args = [_tile_eval.scalar(jnp.int32(b)), _tile_eval.scalar(jnp.int32(h))]
+    args += [_tile_eval.vector(pos[w], axis[w], PAD_Q + PAD_KV) for w in ("q", "kv")]
+    for table, spec in zip(km.tables, km.specs):
+        t = table[b if spec.batch else 0, h if spec.head else 0]
+        if spec.kind == "scalar":
+            args.append(_tile_eval.scalar(t))
+        elif spec.kind in ("q", "kv"):
+            args.append(_tile_eval.vector(t[pos[spec.kind]], axis[spec.kind]))
+        else:
+            q, kv = jnp.meshgrid(pos["q"], pos["kv"], indexing="ij")
+            d = t[diag_index(q, kv, PAD_Q)]
+            args.append(_tile_eval.tile(d if rows == "q" else d.T))
+    return args, pos
+
+
+@pytest.mark.parametrize("rows", ["q", "kv"])
+@pytest.mark.parametrize("name", list(MASKS) + list(SCORES))
+def test_tile_evaluation_is_exact(name, rows):
+    """A mod evaluated on row and column vectors (`_tile_eval`, as the Mosaic GPU
+    kernels do) gives exactly the mod's values on the tile, and its VJP exactly the
+    mod's VJP."""
+    is_score = name in SCORES
+    mod = MASKS.get(name) or SCORES[name]
+    conv = convert_score_mod(mod, jnp.float32) if is_score else convert_mask_mod(mod)
+    km = kernel_mod(conv, B, H, LQ, LKV, lq_pad=PAD_Q, lkv_pad=PAD_KV)
+    b, h, q0, kv0, shape = 1, 2, 8, 16, (16, 24)
+    args, pos = _tile_inputs(km, b, h, q0, kv0, shape, rows)
+    grid_q, grid_kv = jnp.meshgrid(pos["q"], pos["kv"], indexing="ij")
+    orient = (lambda x: x) if rows == "q" else (lambda x: x.T)
+    grid = (jnp.int32(b), jnp.int32(h), grid_q, grid_kv)
+    apply = km.split.apply
+    if not is_score:
+        (got,) = _tile_eval.evaluate(apply.jaxpr, apply.consts, args, shape)
+        want = orient(jnp.broadcast_to(conv(*grid), grid_q.shape))
+        np.testing.assert_array_equal(_tile_eval.broadcast(got, shape), want)
+        return
+    s = jax.random.normal(jax.random.key(3), grid_q.shape, jnp.float32)
+    ds = jax.random.normal(jax.random.key(4), grid_q.shape, jnp.float32)
+    s_args = [_tile_eval.tile(orient(s))] + args
+    (got,) = _tile_eval.evaluate(apply.jaxpr, apply.consts, s_args, shape)
+    np.testing.assert_array_equal(
+        _tile_eval.broadcast(got, shape), orient(conv(s, *grid))
+    )
+    pullback = _scalar_pullback(km, ())
+    ds_raw, *rest = _tile_eval.evaluate(
+        pullback.jaxpr, pullback.consts, [_tile_eval.tile(orient(ds))] + s_args, shape
+    )
+    want = jax.vjp(lambda s_: conv(s_, *grid), s)[1](ds)[0]
+    assert rest == []
+    np.testing.assert_allclose(
+        _tile_eval.broadcast(ds_raw, shape), orient(want), rtol=1e-6, atol=1e-6
+    )
+
+
+def test_position_differences_convert_on_vectors():
+    """ALiBi's `float(kv_idx - q_idx)` is converted on the row and column vectors:
+    no tile-sized integer-to-float conversion (it issues at the rate of exp2), and
+    exactly the values of the tile-sized one, also for positions near 2**22."""
+    conv = convert_score_mod(SCORES["alibi"], jnp.float32)
+    big = 2**22 - 64
+    km = kernel_mod(conv, B, H, LQ, LKV, lq_pad=PAD_Q, lkv_pad=PAD_KV)
+    apply = km.split.apply
+    shape = (64, 128)
+
+    def tile_alibi(s, q0, kv0):
+        q = _tile_eval.vector(jnp.arange(64, dtype=jnp.int32) + q0, 0, big + 64)
+        kv = _tile_eval.vector(jnp.arange(128, dtype=jnp.int32) + kv0, 1, big + 128)
+        slope = _tile_eval.scalar(km.tables[0][0, 1])
+        b, h = _tile_eval.scalar(jnp.int32(0)), _tile_eval.scalar(jnp.int32(1))
+        args = [_tile_eval.tile(s), b, h, q, kv, slope]
+        (out,) = _tile_eval.evaluate(apply.jaxpr, apply.consts, args, shape)
+        return _tile_eval.broadcast(out, shape)
+
+    s = jnp.zeros(shape, jnp.float32)
+    jaxpr = jax.make_jaxpr(tile_alibi)(s, jnp.int32(0), jnp.int32(0))
+    converts = [
+        e for e in jaxpr.jaxpr.eqns if e.primitive.name == "convert_element_type"
+    ]
+    assert converts and all(len(e.outvars[0].aval.shape) == 1 for e in converts)
+    q, kv = jnp.meshgrid(
+        big + jnp.arange(64), big - 40 + jnp.arange(128), indexing="ij"
+    )
+    want = conv(s, 0, 1, q, kv)
+    np.testing.assert_array_equal(tile_alibi(s, big, big - 40), want)

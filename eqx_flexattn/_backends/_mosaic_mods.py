@@ -20,6 +20,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .._mods import _bind, KernelMod
+from . import _tile_eval
 from ._tiles import clamped
 
 
@@ -81,10 +82,13 @@ def toeplitz_tile(ref, shape, flip: bool, interpret: bool):
 class ModTiles:
     """One mod on `(R, C)` tiles whose rows are `rows` ("q" or "kv") positions.
 
-    `lq_pad` is the padded query length ("diag" tables are indexed by
+    `padded = (Lq_pad, Lkv_pad)`: the padded lengths ("diag" tables are indexed by
     `_mods.diag_index`); `lengths = (Lq, Lkv)`: the true lengths (positions past them
     are clamped before a mod sees them) when the corresponding axis is padded, else
     None; `interpret`: running in the interpreter.
+
+    The mod runs on row and column vectors as long as it can (`_tile_eval`): tables
+    of the rows' and the columns' kind are vectors, positions too.
     """
 
     def __init__(
@@ -93,7 +97,7 @@ class ModTiles:
         refs,
         shape,
         rows: str,
-        lq_pad: int,
+        padded,
         lengths,
         interpret: bool,
     ):
@@ -101,7 +105,8 @@ class ModTiles:
         self.refs = refs
         self.shape = shape
         self.rows = rows
-        self.lq_pad = lq_pad
+        self.padded = dict(zip(("q", "kv"), padded))
+        self.lq_pad = padded[0]
         self.lengths = dict(zip(("q", "kv"), lengths))
         self.interpret = interpret
 
@@ -139,79 +144,126 @@ class ModTiles:
         return values
 
     def values(self, b, h, row0, col0, fixed) -> list:
-        """Every table's value for the tile at `(row0, col0)`, broadcast to the tile
-        (scalars stay scalars)."""
+        """Every table's value for the tile at `(row0, col0)`: scalars, vectors of
+        the rows (`ROW` layout) or columns (`COL`), "diag" tiles."""
         out = []
         for spec, ref, val in zip(self.mod.specs, self.refs, fixed):
             tb = b if spec.batch else 0
             th = h if spec.head else 0
-            if spec.kind == "scalar":
+            if spec.kind == "scalar" or self._is_row(spec.kind):
                 out.append(val)
-            elif self._is_row(spec.kind):
-                out.append(lax.broadcast_in_dim(val, self.shape, (0,)))
             elif spec.kind == "diag":
                 out.append(self._diagonals(ref.at[tb, th], row0, col0))
             else:
                 sl = ref.at[tb, th, pl.ds(col0, self.shape[1])]
-                col = plgpu.load(sl, layout=COL, optimized=False)
-                out.append(lax.broadcast_in_dim(col, self.shape, (1,)))
+                out.append(plgpu.load(sl, layout=COL, optimized=False))
+        return out
+
+    def _lazy_values(self, values) -> list:
+        out = []
+        for spec, x in zip(self.mod.specs, values):
+            x = x.astype(spec.dtype)
+            if spec.kind == "scalar":
+                out.append(_tile_eval.scalar(x))
+            elif spec.kind == "diag":
+                out.append(_tile_eval.tile(x))
+            else:
+                out.append(_tile_eval.vector(x, 0 if self._is_row(spec.kind) else 1))
         return out
 
     def position(self, which: str, row0, col0, clamp: bool = True):
-        """The `which` ("q" or "kv") position of every element of the tile."""
-        dim, start = (0, row0) if self._is_row(which) else (1, col0)
-        pos = plgpu.broadcasted_iota(jnp.int32, self.shape, dim, layout=WG) + start
+        """The `which` ("q" or "kv") position of every row or column of the tile, a
+        vector."""
+        axis, start = (0, row0) if self._is_row(which) else (1, col0)
+        layout = ROW if axis == 0 else COL
+        pos = plgpu.broadcasted_iota(
+            jnp.int32, (self.shape[axis],), 0, layout=layout
+        ) + jnp.asarray(start, jnp.int32)
         length = self.lengths[which]
-        return clamped(pos, length) if clamp and length is not None else pos
+        pos = clamped(pos, length) if clamp and length is not None else pos
+        return _tile_eval.vector(pos, axis, self.padded[which])
 
-    def indices(self, row0, col0):
-        """(q_idx, kv_idx) tiles (a scalar 0 where the mod reads none)."""
-        q = self.position("q", row0, col0) if "q" in self.mod.uses else jnp.int32(0)
-        kv = self.position("kv", row0, col0) if "kv" in self.mod.uses else jnp.int32(0)
-        return q, kv
+    def _args(self, b, h, row0, col0) -> list:
+        """(b, h, q_idx, kv_idx) for the mod (positions made where it reads them)."""
+        q = lambda: self.position("q", row0, col0)
+        kv = lambda: self.position("kv", row0, col0)
+        return [_tile_eval.scalar(b), _tile_eval.scalar(h), q, kv]
+
+    def _run(self, jaxpr, consts, args):
+        return _tile_eval.evaluate(jaxpr, consts, args, self.shape, _pin)
+
+    def _broadcast(self, x):
+        return _tile_eval.broadcast(x, self.shape, _pin)
 
     def score(self, s, b, h, row0, col0, values):
-        return self.mod.apply_tile(s, b, h, *self.indices(row0, col0), *values)
+        apply = self.mod.split.apply
+        args = [_tile_eval.tile(s), *self._args(b, h, row0, col0)]
+        (out,) = self._run(apply.jaxpr, apply.consts, args + self._lazy_values(values))
+        return self._broadcast(out)
 
     def score_vjp(self, s, b, h, row0, col0, values, ds, want_values: bool):
-        """`(dS before the mod, cotangents of the float values)` for `dS` after it."""
-        q, kv = self.indices(row0, col0)
-        floats = [
+        """`(dS before the mod, cotangents of the float values)` for `dS` after it
+        (whole tiles)."""
+        floats = tuple(
             i
             for i, sp in enumerate(self.mod.specs)
             if want_values and jnp.issubdtype(sp.dtype, jnp.floating)
-        ]
-
-        def f(s_, *vf):
-            vals = list(values)
-            for i, x in zip(floats, vf):
-                vals[i] = x
-            return self.mod.apply_tile(s_, b, h, q, kv, *vals)
-
-        full = [
-            values[i]
-            if jnp.ndim(values[i])
-            else lax.broadcast_in_dim(values[i], self.shape, ())
-            for i in floats
-        ]
-
-        def pullback(ds, s, *full):
-            return jax.vjp(f, s, *full)[1](ds)
-
-        # Transposition sums cotangents with `add_any`, which the Mosaic GPU
-        # lowering lacks: evaluate the VJP with plain additions instead.
-        closed = jax.make_jaxpr(pullback)(ds, s, *full)
-        ds_raw, *dvals = _eval_with_add(closed.jaxpr, closed.consts, ds, s, *full)
-        return ds_raw, dict(zip(floats, dvals))
+        )
+        pullback = _scalar_pullback(self.mod, floats)
+        args = [_tile_eval.tile(ds), _tile_eval.tile(s)]
+        args += self._args(b, h, row0, col0) + self._lazy_values(values)
+        outs = self._run(pullback.jaxpr, pullback.consts, args)
+        outs = [self._broadcast(x) for x in outs]
+        return outs[0], dict(zip(floats, outs[1:]))
 
     def keep(self, b, h, row0, col0, values, kv_bound: int | None):
         """The mask of the tile (bool tile, or a scalar for position-free masks);
         with `kv_bound`, keys at or past it are dropped too."""
-        keep = self.mod.apply_tile(b, h, *self.indices(row0, col0), *values)
+        apply = self.mod.split.apply
+        args = self._args(b, h, row0, col0) + self._lazy_values(values)
+        (keep,) = self._run(apply.jaxpr, apply.consts, args)
+        if kv_bound is None and keep.kind == "scalar":
+            return keep.value
+        keep = self._broadcast(keep)
         if kv_bound is not None:
-            inside = self.position("kv", row0, col0, clamp=False) < kv_bound
-            keep = keep & inside
+            pos = self.position("kv", row0, col0, clamp=False)
+            inside = _tile_eval.vector(
+                pos.value < kv_bound, 1 if pos.kind == "col" else 0
+            )
+            keep = keep & self._broadcast(inside)
         return keep
+
+
+def _pin(x, kind: str):
+    """`x` in the register layout of a tile ("tile"), a row or a column vector."""
+    return plgpu.layout_cast(x, {"tile": WG, "row": ROW, "col": COL}[kind])
+
+
+def _scalar_pullback(mod: KernelMod, floats: tuple) -> jax.extend.core.ClosedJaxpr:
+    """The flat scalar jaxpr of `(ds, s, b, h, q, kv, *values) -> (dS before the
+    mod, *cotangents of values[floats])` (additions of cotangents as `add`)."""
+    apply = mod.split.apply
+
+    def pullback(ds, s, b, h, q, kv, *values):
+        def f(s_, *vf):
+            vals = list(values)
+            for i, x in zip(floats, vf):
+                vals[i] = x
+            return jax.core.eval_jaxpr(
+                apply.jaxpr, apply.consts, s_, b, h, q, kv, *vals
+            )[0]
+
+        return jax.vjp(f, s, *(values[i] for i in floats))[1](ds)
+
+    structs = [jax.ShapeDtypeStruct((), v.aval.dtype) for v in apply.jaxpr.invars]
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    closed = jax.make_jaxpr(pullback)(f32, *structs)
+    # Transposition sums cotangents with `add_any`, which the Mosaic GPU lowering
+    # lacks: re-trace with plain additions (nested calls inlined).
+    flat = jax.make_jaxpr(lambda *a: _eval_with_add(closed.jaxpr, closed.consts, *a))(
+        f32, *structs
+    )
+    return flat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +303,7 @@ class KernelMods:
         n_mask = len(self.mask.tables)
         s = self.shape
         make = lambda mod, r: ModTiles(
-            mod, r, tile, rows, s.lq_pad, self.lengths, s.interpret
+            mod, r, tile, rows, (s.lq_pad, s.lkv_pad), self.lengths, s.interpret
         )
         return (
             make(self.score, refs[:n_score]),
