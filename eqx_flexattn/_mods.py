@@ -579,14 +579,53 @@ def _eval_to(jaxpr, wanted, consts, *args):
     """Values of the variables `wanted` of a flat jaxpr (its invars: consts, args)."""
     n = len(consts)
     env = dict(zip(jaxpr.invars[:n], consts)) | dict(zip(jaxpr.invars[n:], args))
-    remaining = set(wanted) - set(env)
-    for eqn in jaxpr.eqns:
-        if not remaining:
-            break
+    needed = set(wanted) - set(env)
+    eqns = []  # only those the wanted values depend on
+    for eqn in reversed(jaxpr.eqns):
+        if needed.intersection(eqn.outvars):
+            eqns.append(eqn)
+            needed.update(
+                v
+                for v in eqn.invars
+                if not isinstance(v, jax.extend.core.Literal) and v not in env
+            )
+    for eqn in reversed(eqns):
         invals = [_read(env, v) for v in eqn.invars]
         env.update(zip(eqn.outvars, _bind(eqn, invals)))
-        remaining -= set(eqn.outvars)
     return [env[v] for v in wanted]
+
+
+# Primitives that select elements of their first operand without computing with
+# its values.
+_SELECTIONS = frozenset(
+    {"gather", "dynamic_slice", "slice", "squeeze", "reshape", "broadcast_in_dim"}
+)
+
+
+def tables_select_leaves(mod: ScalarMod) -> bool:
+    """Whether each table of `kernel_mod(mod, ...)` holds elements of the mod's float
+    arrays, selected without arithmetic on them (and no index computed from a float
+    array). Then a table's gradient maps back to the arrays by summing the
+    cotangents of the table entries that read each element
+    (`_backends._reduce.table_vjp`)."""
+    split = _split_cached(mod)
+    jaxpr = split.flat.jaxpr
+    consts = jaxpr.invars[: split.n_consts]
+    tainted = {v for v in consts if jnp.issubdtype(v.aval.dtype, jnp.inexact)}
+    hoisted = set(split.hoisted)
+    for eqn in jaxpr.eqns:
+        hits = [
+            i
+            for i, v in enumerate(eqn.invars)
+            if not isinstance(v, jax.extend.core.Literal) and v in tainted
+        ]
+        if not hits:
+            continue
+        if eqn.primitive.name not in _SELECTIONS or hits != [0]:
+            return False
+        # A table value is where a table ends: what reads it runs in the kernel.
+        tainted.update(v for v in eqn.outvars if v not in hoisted)
+    return True
 
 
 _SPLITS: dict = {}

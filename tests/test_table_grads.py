@@ -14,6 +14,7 @@ from eqx_flexattn import score_mods
 from eqx_flexattn._backends._reduce import (
     diagonal_partials,
     reduce_table_grads,
+    segment_sum,
     table_vjp,
 )
 from eqx_flexattn._mods import (
@@ -255,3 +256,91 @@ def test_diagonal_partials_place_every_tile_on_its_diagonals():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)  # float32
     with pytest.raises(ValueError, match="do not fit"):
         diagonal_partials(partials, visited, lq_pad + 64, every)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_segment_sum_matches_numpy(seed):
+    """Sums per segment (out-of-range segments dropped) against `np.add.at`:
+    exactly for integer-valued floats, to rounding for others; same bits twice."""
+    rng = np.random.default_rng(seed)
+    n, num = int(rng.integers(1, 300)), int(rng.integers(1, 40))
+    segments = rng.integers(-3, num + 3, n).astype(np.int32)
+    whole = rng.integers(-50, 50, n).astype(np.float32)
+    want = np.zeros(num, np.float64)
+    ok = (segments >= 0) & (segments < num)
+    np.add.at(want, segments[ok], whole[ok])
+    summed = jax.jit(segment_sum, static_argnums=2)
+    np.testing.assert_array_equal(summed(whole, segments, num), want)
+    values = rng.normal(size=n).astype(np.float32)
+    want = np.zeros(num, np.float64)
+    np.add.at(want, segments[ok], values[ok].astype(np.float64))
+    got = summed(values, segments, num)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got, summed(values, segments, num))
+
+
+def test_segment_sum_edges():
+    assert (
+        segment_sum(jnp.zeros((0,)), jnp.zeros((0,), jnp.int32), 3).tolist()
+        == [0.0] * 3
+    )
+
+
+def _clipped_relative(key):
+    return score_mods.RelativePositionBias(HQ, 6, key=key)
+
+
+def _t5(key):
+    return score_mods.T5RelativeBias(HQ, num_buckets=8, max_distance=16, key=key)
+
+
+class _ScaledIndex(eqx.Module):
+    """A lookup whose index is computed from a float parameter: its table is not a
+    plain selection of the parameters, so `table_vjp` takes `jax.vjp`."""
+
+    bias: jax.Array  # (HQ, 4)
+    shift: jax.Array  # () float
+
+    def __call__(self, s, b, h, q, kv):
+        return s + self.bias[h, (self.shift > 0).astype(jnp.int32) + (kv - q > 0)]
+
+
+@pytest.mark.parametrize("name", ["clipped_relative", "t5", "scaled_index"])
+def test_table_vjp_sums_shared_entries_in_a_fixed_order(name, getkey):
+    """Many table entries read one parameter element (a clipped distance, a T5
+    bucket, padded positions, heads shared): `table_vjp` equals autodiff through
+    the tables, and, for tables that select parameters, runs no scatter-add (the
+    transpose of a gather: unordered atomics on GPUs)."""
+    key = getkey()
+    mod = {
+        "clipped_relative": _clipped_relative,
+        "t5": _t5,
+        "scaled_index": lambda k: _ScaledIndex(
+            jax.random.normal(k, (HQ, 4), jnp.float32), jnp.asarray(0.5, jnp.float32)
+        ),
+    }[name](key)
+    converted = convert_score_mod(mod, jnp.float32)
+    build = lambda m: kernel_mod(m, B, HQ, LQ, LKV, lq_pad=LQ_PAD, lkv_pad=LKV_PAD)
+    tables = build(converted).tables
+    keys = jax.random.split(getkey(), len(tables))
+    grads = tuple(
+        jax.random.normal(k, t.shape, jnp.float32)
+        if jnp.issubdtype(t.dtype, jnp.floating)
+        else None
+        for k, t in zip(keys, tables)
+    )
+    got = table_vjp(build, converted, grads)
+    _, vjp = eqx.filter_vjp(lambda m: build(m).tables, converted)
+    cot = tuple(jnp.zeros_like(t) if g is None else g for g, t in zip(grads, tables))
+    (want,) = vjp(cot)
+    got_leaves = jax.tree_util.tree_leaves(got)
+    want_leaves = jax.tree_util.tree_leaves(eqx.filter(want, eqx.is_inexact_array))
+    assert len(got_leaves) == len(want_leaves) > 0
+    for g, w in zip(got_leaves, want_leaves):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+    program = str(jax.make_jaxpr(lambda g: table_vjp(build, converted, g))(grads))
+    if name == "scaled_index":
+        assert "scatter" in program  # the fallback
+    else:
+        assert "scatter" not in program and "sort" in program

@@ -12,10 +12,15 @@ This module finishes the job outside the kernel, the same way for every kernel:
 
 1. [`reduce_table_grads`][]: sums the partials over the program axes, and over the
     batch and head axes a table does not have, into one gradient per table entry;
-2. [`table_vjp`][]: maps the table gradients back to the mod's own array leaves
-    through the VJP of the (ordinary `jnp`) function that built the tables.
+2. [`table_vjp`][]: maps the table gradients back to the mod's own array leaves.
+    A table entry is one element of a mod array (`slopes[h]`, `bias[h, bucket(kv -
+    q)]`), and many entries may read the same element (a clipped distance, a T5
+    bucket, a head shared by a batch): their cotangents are summed by
+    [`segment_sum`][], in a fixed order, not by the scatter-add that transposes a
+    gather (unordered atomics on GPUs).
 
-No O(L²) array is involved: partials are O(B · H · (L + programs)).
+No O(L²) array is involved: partials are O(B · H · (L + programs)). Every step is
+bitwise reproducible from run to run on one device.
 """
 
 from __future__ import annotations
@@ -23,11 +28,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, PyTree
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int, PyTree
 
-from .._mods import KernelMod, OperandSpec, ScalarMod
-from ._base import finish_mod_grads, upcast_mod
+from .._mods import KernelMod, OperandSpec, ScalarMod, tables_select_leaves
+from ._base import finish_mod_grads, mod_grad_dtype, upcast_mod
 
 
 PARTIAL_DTYPE = jnp.float32
@@ -149,6 +157,67 @@ def diagonal_partials(
     return (lo + hi).reshape(b, h, -1)[..., :-1]
 
 
+def segment_sum(
+    values: Float[Array, " n"], segments: Int[Array, " n"], num_segments: int
+) -> Float[Array, " num_segments"]:
+    """`out[s] = sum(values[segments == s])`, summed in an order fixed by the shapes
+    alone: bitwise reproducible, unlike `jax.ops.segment_sum`, whose scatter-add
+    runs as unordered atomics on GPUs.
+
+    Segments outside `[0, num_segments)` are dropped. The values are sorted by
+    segment (a stable sort), summed by a segmented inclusive scan — a fixed tree of
+    additions that never adds across a segment boundary, so a segment's sum carries
+    no rounding from its neighbours — and each segment's total is read at its last
+    position. O(n log n) work; no scatter.
+
+    !!! Example
+        ```python
+        segment_sum(jnp.array([1.0, 2.0, 4.0]), jnp.array([2, 0, 2]), 3)
+        # Array([2., 0., 5.])
+        ```
+    """
+    n = values.shape[0]
+    if n == 0:
+        return jnp.zeros((num_segments,), values.dtype)
+    segments = jnp.where(
+        (segments >= 0) & (segments < num_segments), segments, num_segments
+    ).astype(jnp.int32)
+    order = jnp.argsort(segments, stable=True)
+    seg, val = segments[order], values[order]
+    starts = jnp.concatenate([jnp.ones((1,), bool), seg[1:] != seg[:-1]])
+
+    def combine(a, b):
+        (start_a, sum_a), (start_b, sum_b) = a, b
+        return start_a | start_b, jnp.where(start_b, sum_b, sum_a + sum_b)
+
+    _, sums = lax.associative_scan(combine, (starts, val))
+    ids = jnp.arange(num_segments, dtype=jnp.int32)
+    last = jnp.searchsorted(seg, ids, side="right") - 1
+    last = jnp.clip(last, 0, n - 1)
+    return jnp.where(seg[last] == ids, sums[last], jnp.zeros((), values.dtype))
+
+
+def _table_sources(build, mod: ScalarMod, leaves: list) -> tuple | None:
+    """Per table, the flat index of the float mod-array element each of its entries
+    reads (in the concatenation of `leaves`, the mod's inexact arrays), or None when
+    the tables are not plain selections of those arrays. Built by evaluating the
+    tables with each array replaced by the indices of its elements."""
+    if not tables_select_leaves(mod):
+        return None
+    sizes = [x.size for x in leaves]
+    if sum(sizes) >= 2**24:  # the indices pass through float32 tables
+        return None
+    offsets = np.cumsum([0, *sizes])
+    it = iter(
+        jnp.arange(o, o + x.size, dtype=jnp.int32).reshape(x.shape)
+        for o, x in zip(offsets, leaves)
+    )
+    numbered = jax.tree_util.tree_map(
+        lambda x: next(it) if eqx.is_inexact_array(x) else x, mod
+    )
+    return tuple(build(numbered).tables)
+
+
 def table_vjp(
     build: Callable[[ScalarMod], KernelMod],
     mod: ScalarMod,
@@ -169,13 +238,19 @@ def table_vjp(
     such as document ids get no gradient) — the score-mod part of a backend's
     `backward` result.
 
-    The tables are ordinary `jnp` functions of the mod's arrays (gathers such as
-    `slopes[h]` evaluated on index grids, then a cast to float32), so their VJP is
-    `jax.vjp` of `mod -> build(mod).tables`. It runs on the mod with its inexact
-    leaves widened to float32 (`upcast_mod`), so the scatter-adds of the gathers'
-    transposes (several table entries reading one leaf element: padded positions,
-    broadcast heads) sum in float32; each gradient is cast to its leaf's dtype once.
+    A table entry is one element of a mod array (`slopes[h]`, `bias[h, d]`, looked
+    up on index grids, then cast to float32): the element each entry reads is found
+    by building the tables from the arrays' element numbers, and the cotangents of
+    the entries reading one element are summed by [`segment_sum`][] (in float32, or
+    the leaf's dtype when wider), in a fixed order: bitwise reproducible. Each
+    gradient is cast to its leaf's dtype once. A mod whose tables compute with its
+    arrays' values (not expressible in the kernels today) falls back to `jax.vjp` of
+    `mod -> build(mod).tables`, whose gather transposes are scatter-adds.
     """
+    leaves = jax.tree_util.tree_leaves(eqx.filter(mod, eqx.is_inexact_array))
+    sources = _table_sources(build, mod, leaves)
+    if sources is not None:
+        return _summed_by_source(mod, leaves, sources, table_grads)
     wide = upcast_mod(mod, PARTIAL_DTYPE)
     tables, vjp = eqx.filter_vjp(lambda m: build(m).tables, wide)
     if len(table_grads) != len(tables):
@@ -195,3 +270,36 @@ def table_vjp(
         cotangents.append(g.astype(table.dtype))
     (grads,) = vjp(tuple(cotangents))
     return finish_mod_grads(grads, mod)
+
+
+def _summed_by_source(mod, leaves, sources, table_grads):
+    if len(table_grads) != len(sources):
+        raise ValueError(
+            f"{len(table_grads)} table gradients for {len(sources)} tables."
+        )
+    dtype = PARTIAL_DTYPE
+    for x in leaves:
+        dtype = mod_grad_dtype(x.dtype, dtype)
+    values, segments = [], []
+    for i, (g, src) in enumerate(zip(table_grads, sources)):
+        if not jnp.issubdtype(src.dtype, jnp.floating):
+            continue  # an integer table: no gradient
+        if g is None or g.shape != src.shape:
+            got = None if g is None else g.shape
+            raise ValueError(
+                f"table {i} has shape {src.shape}, but its gradient is {got}."
+            )
+        values.append(g.astype(dtype).ravel())
+        segments.append(src.astype(jnp.int32).ravel())
+    total = sum(x.size for x in leaves)
+    if values:
+        flat = segment_sum(jnp.concatenate(values), jnp.concatenate(segments), total)
+    else:
+        flat = jnp.zeros((total,), dtype)
+    grads, start = [], 0
+    for x in leaves:
+        grads.append(flat[start : start + x.size].reshape(x.shape))
+        start += x.size
+    params = eqx.filter(mod, eqx.is_inexact_array)
+    treedef = jax.tree_util.tree_structure(params)
+    return finish_mod_grads(jax.tree_util.tree_unflatten(treedef, grads), mod)
