@@ -624,7 +624,7 @@ def test_options():
 def test_named_barriers_are_counted():
     """The kernels' hand-offs get consecutive hardware barrier ids after Mosaic GPU's
     own; asking for more than a CTA has is an error, not a silent overlap."""
-    from eqx_flexattn._backends._mosaic_mods import FIRST_NAMED_BARRIER, make_signals
+    from eqx_flexattn._backends.mosaic._pipeline import FIRST_NAMED_BARRIER, make_signals
 
     a, b, turn = make_signals(True, [(4, 2, 1), (4, 2, 1), (2, 1, 1)], [None] * 3)
     assert (a.first_id, b.first_id, turn.first_id) == (

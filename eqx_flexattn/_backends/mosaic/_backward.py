@@ -16,7 +16,7 @@ first, then partial ones (mask mod applied).
   (GQA is summed in registers); it works on `Sᵀ` (rows are keys):
   `dV += Pᵀ dO`, `dK += dSᵀ Q`. For every float table of kind "diag" (relative
   positions) it also returns the sums of the score mod's VJP along the diagonals of
-  each 64x64 tile (`_mosaic_mods.diagonal_sums`), placed on the table afterwards
+  each 64x64 tile (`_mod_tiles.diagonal_sums`), placed on the table afterwards
   (`_reduce.diagonal_partials`; no atomics).
 """
 
@@ -30,14 +30,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .._mods import KernelMod
-from ._mosaic_mods import (
-    apply_keep,
+from ..._mods import KernelMod
+from .._tiles import LOG2_E, rowwise
+from ._mod_tiles import apply_keep, diagonal_sums, DIAGONALS, KernelMods, SHEAR_WIDTH
+from ._pipeline import (
     COL,
-    diagonal_sums,
-    DIAGONALS,
     drain,
-    KernelMods,
     make_signals,
     mma_group,
     NAMED_BARRIERS,
@@ -45,13 +43,11 @@ from ._mosaic_mods import (
     produce_kv,
     ROW,
     run_scoped_warpgroups,
-    SHEAR_WIDTH,
     sweep,
     warp_specialized,
     warpgroup_sync,
     WG,
 )
-from ._tiles import LOG2_E, rowwise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,19 +23,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .._mods import KernelMod
-from ._mosaic_mods import (
+from ..._mods import KernelMod
+from .._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
+from ._mod_tiles import apply_keep, KernelMods
+from ._pipeline import (
     accumulate_mma,
-    apply_keep,
     drain,
-    KernelMods,
     make_signals,
     produce_kv,
     run_scoped_warpgroups,
     sweep,
     warp_specialized,
 )
-from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
 
 @dataclasses.dataclass(frozen=True)

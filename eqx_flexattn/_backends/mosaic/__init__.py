@@ -1,7 +1,7 @@
 """The `mosaic` backend: Pallas Mosaic GPU kernels for NVIDIA Hopper (sm90) and newer.
 
 The forward pass is the block-sparse FlashAttention-3-style kernel of
-`_mosaic_fwd`; the backward pass runs the dQ and dK/dV kernels of `_mosaic_bwd`
+`_forward`; the backward pass runs the dQ and dK/dV kernels of `_backward`
 (score-mod parameter gradients from the kernels' per-row and per-diagonal partials),
 or the `xla` backend's backward where those kernels decline (head dims over 128,
 gradients of per-key float tables), fed with the forward kernel's output and
@@ -25,20 +25,20 @@ if jax.__version_info__ < (0, 11):  # the registry turns this into a decline rea
         f"the Mosaic GPU kernels need jax >= 0.11, this is jax {jax.__version__}"
     )
 
-from .._block_mask import BlockMask
-from .._mods import INDEX_DTYPE, kernel_mod, kernel_mod_specs, KernelMod
-from . import _mosaic_bwd, _mosaic_fwd
-from ._base import AbstractBackend, AttentionProblem, grads_like
-from ._config import AbstractConfig, check_bool
-from ._reduce import diagonal_partials, reduce_table_grads, table_vjp
-from ._tiles import LOG2_E
-from .xla import XlaBackend
+from ..._block_mask import BlockMask
+from ..._mods import INDEX_DTYPE, kernel_mod, kernel_mod_specs, KernelMod
+from .._base import AbstractBackend, AttentionProblem, grads_like
+from .._config import AbstractConfig, check_bool
+from .._reduce import diagonal_partials, reduce_table_grads, table_vjp
+from .._tiles import LOG2_E
+from ..xla import XlaBackend
+from . import _backward, _forward
 
 
 logger = logging.getLogger("eqx_flexattn")
 
 # jax 0.12's Mosaic GPU layout inference fails on (or takes forever over) the
-# shared-memory shear of `_mosaic_mods.diagonal_sums`; its interpreter runs it.
+# shared-memory shear of `_mod_tiles.diagonal_sums`; its interpreter runs it.
 _DIAGONAL_SUMS_UNLOWERED = jax.__version_info__ >= (0, 12)
 
 
@@ -150,7 +150,7 @@ def _block_lists(problem: AttentionProblem, rows: int, cols: int, kv_ragged: boo
 
 
 class MosaicBackend(AbstractBackend):
-    """Pallas Mosaic GPU kernels (Hopper and newer GPUs): see `_mosaic_fwd`.
+    """Pallas Mosaic GPU kernels (Hopper and newer GPUs): see `_forward`.
 
     Options: [`MosaicConfig`][] (`kernel_options={"mosaic": {"num_stages": 3}}`).
     """
@@ -189,9 +189,9 @@ class MosaicBackend(AbstractBackend):
 
     def _padded(self, problem, cfg):
         lq, lkv = problem.q.shape[2], problem.k.shape[2]
-        rows = _mosaic_fwd.tile_rows(cfg.block_q)
+        rows = _forward.tile_rows(cfg.block_q)
         cols = cfg.kv_tile(problem.q.shape[-1])
-        return _mosaic_fwd.padded(lq, rows), _mosaic_fwd.padded(lkv, cols)
+        return _forward.padded(lq, rows), _forward.padded(lkv, cols)
 
     def _sizes(self, problem, cfg) -> dict:
         """The kernels' static sizes: lengths padded to the tiles, head dims to
@@ -237,17 +237,17 @@ class MosaicBackend(AbstractBackend):
             sizes[n] for n in ("lq_pad", "lkv_pad", "d", "dv")
         )
         bkv = sizes["block_kv"]
-        shape = _mosaic_fwd.ForwardShape(
+        shape = _forward.ForwardShape(
             **sizes, block_q=cfg.block_q, programs=_programs(cfg)
         )
         counts, blocks = _block_lists(
-            problem, _mosaic_fwd.tile_rows(cfg.block_q), bkv, lkv_pad != lkv
+            problem, _forward.tile_rows(cfg.block_q), bkv, lkv_pad != lkv
         )
         score, mask = self._mods(problem, lq_pad, lkv_pad)
         qp = _pad_to(_pad_to(q, 2, lq_pad), 3, d_pad)
         kp = _pad_to(_pad_to(k, 2, lkv_pad), 3, d_pad)
         vp = _pad_to(_pad_to(v, 2, lkv_pad), 3, dv_pad)
-        out, lse = _mosaic_fwd.forward(shape, qp, kp, vp, counts, blocks, score, mask)
+        out, lse = _forward.forward(shape, qp, kp, vp, counts, blocks, score, mask)
         return out[:, :, :lq, :dv], lse[:, :, :lq]
 
     def backward(self, problem, out, lse, dout, dlse, perturbed) -> Any:
@@ -268,7 +268,7 @@ class MosaicBackend(AbstractBackend):
             sizes[n] for n in ("lq_pad", "lkv_pad", "d", "dv")
         )
         bkv = sizes["block_kv"]
-        shape = _mosaic_bwd.BackwardShape(**sizes)
+        shape = _backward.BackwardShape(**sizes)
         # The prologue: delta = rowsum(dO * O) (less dlse), lse in base 2 with +inf
         # for fully masked rows (their P is then 0).
         finite = jnp.isfinite(lse)
@@ -297,9 +297,9 @@ class MosaicBackend(AbstractBackend):
         dq = dmod = None
         row_grads = {}
         if perturbed.q or learnt & {"scalar", "q"}:
-            rows = _mosaic_fwd.tile_rows(cfg.block_q)
+            rows = _forward.tile_rows(cfg.block_q)
             counts, blocks = _block_lists(problem, rows, bkv, kv_ragged)
-            dq, row_grads = _mosaic_bwd.dq_kernel(
+            dq, row_grads = _backward.dq_kernel(
                 shape, *operands, counts, blocks, score, mask, need_mod
             )
             dq = dq[:, :, :lq, :d] if perturbed.q else None
@@ -308,7 +308,7 @@ class MosaicBackend(AbstractBackend):
             dkv_mask = _mask_at(problem, *DKV_TILES)
             hq = problem.q.shape[1]
             counts, work = _work_lists(dkv_mask, hq, hkv, lq_pad // 64, kv_ragged)
-            dk, dv_, diag_partials = _mosaic_bwd.dkv_kernel(
+            dk, dv_, diag_partials = _backward.dkv_kernel(
                 shape, *operands, counts, work, score, mask, need_diag
             )
             if perturbed.k or perturbed.v:
