@@ -623,15 +623,33 @@ def test_options():
 
 def test_named_barriers_are_counted():
     """The kernels' hand-offs get consecutive hardware barrier ids after Mosaic GPU's
-    own; asking for more than a CTA has is an error, not a silent overlap."""
-    from eqx_flexattn._backends.mosaic._pipeline import FIRST_NAMED_BARRIER, make_signals
-
-    a, b, turn = make_signals(True, [(4, 2, 1), (4, 2, 1), (2, 1, 1)], [None] * 3)
-    assert (a.first_id, b.first_id, turn.first_id) == (
-        FIRST_NAMED_BARRIER,
-        FIRST_NAMED_BARRIER + 4,
-        FIRST_NAMED_BARRIER + 8,
+    own, below the warpgroup syncs where a kernel has them; asking for more than a
+    CTA has is an error, not a silent overlap."""
+    from eqx_flexattn._backends.mosaic._pipeline import (
+        BarrierId,
+        Handoff,
+        NamedBarriers,
     )
-    assert a._threads == 384 and turn._threads == 256
-    with pytest.raises(ValueError, match="named barriers needed"):
-        make_signals(True, [(8, 2, 1), (8, 2, 1)], [None, None])
+
+    ring = Handoff(4, arrivals=2, waiters=1)
+    registry = NamedBarriers(
+        True, {"k": ring, "v": ring, "turn": Handoff(2, arrivals=1, waiters=1)}
+    )
+    assert registry.first_ids == {"k": 4, "v": 8, "turn": 12}
+    assert BarrierId.HANDOFFS == 4 and BarrierId.COUNT == 16
+    signals = registry.signals(registry.scratch())
+    assert signals["k"]._threads == 384 and signals["turn"]._threads == 256
+    assert signals["turn"].first_id == 12
+    assert registry.scratch() == (None, None, None)
+    with pytest.raises(ValueError, match="20 named barriers needed, 12 available"):
+        NamedBarriers(True, {"a": Handoff(10, 2, 1), "b": Handoff(10, 2, 1)})
+    # Ids 14 and 15 are the consumers' warpgroup syncs where a kernel takes them.
+    NamedBarriers(True, {"a": Handoff(10, 2, 1)}, warpgroup_syncs=True)  # 4-13
+    with pytest.raises(ValueError, match="11 named barriers needed, 10 available"):
+        NamedBarriers(True, {"a": Handoff(11, 2, 1)}, warpgroup_syncs=True)
+    with pytest.raises(ValueError, match="reserved no warpgroup syncs"):
+        registry.warpgroup_sync(0)
+    # The interpreter: mbarriers stand in, one allocation per hand-off.
+    interpreted = NamedBarriers(False, {"k": ring})
+    (bars,) = interpreted.scratch()
+    assert (np.prod(bars.num_barriers), bars.num_arrivals) == (4, 2)

@@ -1,14 +1,20 @@
 """The pipeline every Mosaic GPU kernel of this package shares: warp specialisation
-(two consumer warpgroups and a producer), the producer's TMA ring, the hand-offs
-between warpgroups (`Signals`, on hardware named barriers), and the consumers'
-batched wgmmas.
+(two consumer warpgroups and a producer, their register budgets), the producer's TMA
+ring, the hand-offs between warpgroups (`Signals` on hardware named barriers, every
+id from one registry: `BarrierId`, `NamedBarriers`), scoped shared memory by name
+(`Scoped`) and its size (`smem_bytes`), and the consumers' batched wgmmas.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import math
+from collections.abc import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -18,13 +24,163 @@ WG = plgpu.Layout.WGMMA
 ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per tile row
 COL = plgpu.Layout.WGMMA.reduce(0)  # one value per tile column
 
+# A program: two consumer warpgroups of `WGMMA_ROWS` rows each, then a producer.
+WGMMA_ROWS = 64  # rows of a wgmma, and of a consumer warpgroup's tiles
+WARPGROUP_THREADS = 128
+CONSUMERS = 2  # warpgroups 0 and 1; the producer is warpgroup `CONSUMERS`
+# Registers per thread (`setmaxnreg`): 2 x 128 x 232 + 128 x 40 = 64,512 of 65,536.
+CONSUMER_REGISTERS = 232
+PRODUCER_REGISTERS = 40
 
-def warpgroup_sync(named: bool, barrier_id):
-    """A barrier of the 128 threads of one warpgroup (named barrier `barrier_id`);
-    a no-op in the interpreter, which runs a warpgroup's code in order."""
-    if not named:
-        return lambda: None
-    return lambda: _named_barrier("sync", barrier_id, 128)
+
+def swizzled() -> tuple:
+    """The transforms of a shared-memory tile that TMA and wgmma read: 8x64 tiles,
+    128-byte swizzle."""
+    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def split_warpgroups(wg, consumer: Callable[[], None], producer: Callable[[], None]):
+    """Warp specialisation: `consumer()` on the consumer warpgroups, their register
+    budget raised, then `producer()` on the producer warpgroup, its budget lowered
+    (`wg`: this warpgroup's index)."""
+
+    @pl.when(wg < CONSUMERS)
+    def _consumer():
+        plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+        consumer()
+
+    @pl.when(wg == CONSUMERS)
+    def _producer():
+        plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+        producer()
+
+
+# ---------------------------------------------------------------- shared memory
+
+SM90_SMEM_BYTES = 227 * 1024  # shared memory a block may opt into on sm90
+SMEM_ALIGNMENT = 1024  # Mosaic GPU starts every scoped buffer at a multiple of it
+# What Mosaic GPU reserves for a kernel that reduces over a tile's axis (jax's
+# default `CompilerParams.reduction_scratch_bytes`).
+REDUCTION_SCRATCH_BYTES = 128 * 4 * 4
+MBARRIER_BYTES = 8
+
+
+def smem_available() -> int:
+    """Shared memory per block on this machine's GPU, as Mosaic GPU counts it: sm90's
+    227 KiB where there is no GPU (lowering or interpreting on a CPU)."""
+    device = jax.devices()[0]
+    return int(getattr(device, "shared_memory_per_block_optin", SM90_SMEM_BYTES))
+
+
+def smem_bytes(smem: dict, barriers: dict, reduces: bool) -> int:
+    """The shared memory Mosaic GPU allocates for a kernel's scoped buffers `smem`
+    (name: `plgpu.SMEM` or None) and TMA `barriers` (name: `plgpu.Barrier`), plus
+    its reduction scratch where the kernel `reduces` (tokamax's
+    `_estimate_shared_mem_usage_bytes`, here exact)."""
+    align = lambda n: -(-n // SMEM_ALIGNMENT) * SMEM_ALIGNMENT
+    total = sum(
+        align(math.prod(buf.shape) * jnp.dtype(buf.dtype).itemsize)
+        for buf in smem.values()
+        if buf is not None
+    )
+    total += REDUCTION_SCRATCH_BYTES if reduces else 0
+    n_barriers = sum(
+        math.prod(np.atleast_1d(b.num_barriers)) for b in barriers.values()
+    )
+    return total + MBARRIER_BYTES * int(n_barriers)
+
+
+def check_smem(kernel: str, needed: int, why: str) -> None:
+    """Raises `NotImplementedError` (a decline) where `needed` bytes of shared
+    memory exceed what a block has; `why` names the sizes that set it."""
+    available = smem_available()
+    if needed > available:
+        raise NotImplementedError(
+            f"its {kernel} needs {needed:,} bytes of shared memory ({why}), more "
+            f"than the {available:,} a block has."
+        )
+
+
+# ---------------------------------------------------------------- named barriers
+
+
+class BarrierId(enum.IntEnum):
+    """The hardware named barriers of a CTA (16 on sm90) and their owners: every id
+    a kernel of this package uses comes from here (FA3's `named_barrier.hpp`)."""
+
+    CTA = 0  # `bar.sync 0`: the whole CTA
+    MOSAIC_GPU = 1  # 1-3: Mosaic GPU's own, one per warpgroup
+    HANDOFFS = 4  # 4, 5, ...: a kernel's `Handoff`s, allotted by `NamedBarriers`
+    WARPGROUP_SYNC = 14  # 14 + w: consumer warpgroup w alone (`warpgroup_sync`)
+    COUNT = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Handoff:
+    """`count` one-way hand-offs (one per ring slot, say): a party of `arrivals`
+    warpgroups arrives on hand-off `i` and `waiters` warpgroups wait for it
+    (`waiters=0`: a rendezvous of the arrivals, `Signals.meet`)."""
+
+    count: int
+    arrivals: int
+    waiters: int
+
+
+class NamedBarriers:
+    """Every named barrier of one kernel: its hand-offs by name (`handoffs`, in
+    order), with consecutive ids from `BarrierId.HANDOFFS`, and, with
+    `warpgroup_syncs`, one sync of each consumer warpgroup alone at
+    `BarrierId.WARPGROUP_SYNC`. `named=False` (the interpreter, which has no named
+    barriers): mbarriers (`scratch`) stand in for the hand-offs.
+
+    Raises `ValueError` where the hand-offs need more ids than there are.
+    """
+
+    def __init__(self, named: bool, handoffs: dict, warpgroup_syncs: bool = False):
+        self.named = named
+        self.handoffs: dict[str, Handoff] = dict(handoffs)
+        self.warpgroup_syncs = warpgroup_syncs
+        self.first_ids: dict[str, int] = {}
+        next_id = int(BarrierId.HANDOFFS)
+        for name, handoff in self.handoffs.items():
+            self.first_ids[name] = next_id
+            next_id += handoff.count
+        end = BarrierId.WARPGROUP_SYNC if warpgroup_syncs else BarrierId.COUNT
+        if next_id > end:
+            raise ValueError(
+                f"{next_id - BarrierId.HANDOFFS} named barriers needed, "
+                f"{end - BarrierId.HANDOFFS} available"
+            )
+
+    def scratch(self) -> tuple:
+        """The scoped allocations of the interpreter's stand-in mbarriers (Nones
+        with named barriers)."""
+        if self.named:
+            return tuple(None for _ in self.handoffs)
+        return tuple(
+            plgpu.Barrier(num_arrivals=h.arrivals, num_barriers=h.count)
+            for h in self.handoffs.values()
+        )
+
+    def signals(self, mbarriers) -> dict[str, Signals]:
+        """Each hand-off's `Signals`, by name (`mbarriers`: `scratch`'s refs)."""
+        out = {}
+        for (name, h), bars in zip(self.handoffs.items(), mbarriers):
+            if self.named:
+                out[name] = Signals(h.arrivals, h.waiters, self.first_ids[name])
+            else:
+                out[name] = Signals(h.arrivals, h.waiters, mbarriers=bars)
+        return out
+
+    def warpgroup_sync(self, wg) -> Callable[[], None]:
+        """A barrier of the threads of consumer warpgroup `wg` alone; a no-op in the
+        interpreter, which runs a warpgroup's code in order."""
+        if not self.warpgroup_syncs:
+            raise ValueError("this kernel reserved no warpgroup syncs")
+        barrier_id = int(BarrierId.WARPGROUP_SYNC) + wg
+        if not self.named:
+            return lambda: None
+        return lambda: _named_barrier("sync", barrier_id, WARPGROUP_THREADS)
 
 
 def mma_group(products, interpret: bool, during=None) -> tuple:
@@ -94,10 +250,6 @@ def sweep(step, n_full, n_all, carry):
     return lax.fori_loop(n_full, n_all, lambda t, c: step(t, c, apply_mask=True), carry)
 
 
-FIRST_NAMED_BARRIER = 4  # 0 is the CTA's barrier, 1-3 Mosaic GPU's per warpgroup
-NAMED_BARRIERS = 16  # per CTA, on sm90
-
-
 def _named_barrier(op: str, barrier_id, threads: int) -> None:
     """PTX `bar.{op}` ("arrive" or "sync") on hardware barrier `barrier_id` (a
     Python int or a traced int32 scalar), completed by `threads` threads."""
@@ -130,8 +282,8 @@ class Signals:
     on signal `i` (without waiting) and `waiters` warpgroups wait for it.
 
     On the GPU these are hardware named barriers (`bar.arrive` / `bar.sync`, ids from
-    `first_id`): no shared-memory traffic. The interpreter has none, so there
-    `mbarriers` (allocated by `signal_scratch`) stand in.
+    `first_id`, allotted by `NamedBarriers`): no shared-memory traffic. The
+    interpreter has none, so there `mbarriers` (`NamedBarriers.scratch`) stand in.
 
     The parties must alternate: the arrivals for signal `i` may not run ahead of its
     waiters by a whole round.
@@ -149,7 +301,7 @@ class Signals:
 
     @property
     def _threads(self) -> int:
-        return 128 * (self.arrivals + self.waiters)
+        return WARPGROUP_THREADS * (self.arrivals + self.waiters)
 
     def arrive(self, i) -> None:
         if self.mbarriers is None:
@@ -172,40 +324,6 @@ class Signals:
         else:
             plgpu.barrier_arrive(self.mbarriers.at[i])
             plgpu.barrier_wait(self.mbarriers.at[i])
-
-
-def make_signals(named: bool, families, mbarriers) -> list[Signals]:
-    """`Signals` for `families = [(n, arrivals, waiters), ...]`: consecutive named
-    barrier ids, or the scoped `mbarriers` (one per family, from
-    `signal_scratch`)."""
-    out, first = [], FIRST_NAMED_BARRIER
-    for (n, arrivals, waiters), bars in zip(families, mbarriers):
-        if named:
-            out.append(Signals(arrivals, waiters, first_id=first))
-            first += n
-        else:
-            out.append(Signals(arrivals, waiters, mbarriers=bars))
-    if first > NAMED_BARRIERS:
-        raise ValueError(
-            f"{first - FIRST_NAMED_BARRIER} named barriers needed, "
-            f"{NAMED_BARRIERS - FIRST_NAMED_BARRIER} available"
-        )
-    return out
-
-
-def signal_scratch(named: bool, families) -> tuple:
-    """The scoped allocations `make_signals` needs (Nones when named)."""
-    if named:
-        return tuple(None for _ in families)
-    return tuple(plgpu.Barrier(num_arrivals=a, num_barriers=n) for n, a, _ in families)
-
-
-def compiler_params(named: bool) -> plgpu.CompilerParams:
-    """The kernels' compiler parameters. With named barriers (the GPU), Pallas's
-    conservative automatic warpgroup barriers around shared-memory accesses are off:
-    no kernel reads and writes one shared-memory region from the same thread, and
-    every store the TMA reads is followed by `commit_smem`."""
-    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=named)
 
 
 def produce(fetch, n_all, stages: int, released, steps=0):
@@ -254,33 +372,65 @@ def produce_kv(
     produce(fetch, n_all, stages, released, steps)
 
 
+def compiler_params(named: bool) -> plgpu.CompilerParams:
+    """The kernels' compiler parameters. With named barriers (the GPU), Pallas's
+    conservative automatic warpgroup barriers around shared-memory accesses are off:
+    no kernel reads and writes one shared-memory region from the same thread, and
+    every store the TMA reads is followed by `commit_smem`."""
+    return plgpu.CompilerParams(approx_math=True, unsafe_no_auto_barriers=named)
+
+
 def interpret_params(interpret: bool) -> dict:
     """`plgpu.kernel`'s keyword for the Mosaic GPU interpreter, when asked for."""
     return {"interpret": plgpu.InterpretGPUParams()} if interpret else {}
 
 
 def warp_specialized(entry, out_type, grid, grid_names, interpret: bool):
-    """`plgpu.kernel` of three warpgroups (axis "wg": two consumers and a producer)
-    on `grid` (axes `grid_names`)."""
+    """`plgpu.kernel` of `CONSUMERS + 1` warpgroups (axis "wg": the consumers, then
+    the producer) on `grid` (axes `grid_names`)."""
     return plgpu.kernel(
         entry,
         out_type=out_type,
         grid=grid,
         grid_names=grid_names,
-        num_threads=3,
+        num_threads=CONSUMERS + 1,
         thread_name="wg",
         compiler_params=compiler_params(not interpret),
         **interpret_params(interpret),
     )
 
 
-def run_scoped_warpgroups(body, smem, barriers, named: bool, families) -> None:
-    """`body((smem, barriers, signal mbarriers))` with those scoped allocations,
-    shared by the kernel's warpgroups (`families`: as for `make_signals`)."""
+@dataclasses.dataclass(frozen=True)
+class Scoped:
+    """A kernel's scoped allocations, by name: shared-memory buffers (`smem`; None
+    for a buffer the kernel goes without), TMA `barriers` and hand-off `signals`."""
+
+    smem: dict
+    barriers: dict
+    signals: dict
+
+
+def run_scoped_warpgroups(
+    body: Callable[[Scoped], None], smem: dict, barriers: dict, named: NamedBarriers
+) -> None:
+    """`body(Scoped(...))` with the buffers `smem` (name: `plgpu.SMEM` or None), the
+    TMA `barriers` (name: `plgpu.Barrier`) and the `named` barriers' signals,
+    allocated in that order and shared by the kernel's warpgroups (tokamax's
+    `_get_scratch_types`: scratch by name, not by position)."""
+
+    def scoped(smem_refs, barrier_refs, mbarriers):
+        body(
+            Scoped(
+                dict(zip(smem, smem_refs)),
+                dict(zip(barriers, barrier_refs)),
+                named.signals(mbarriers),
+            )
+        )
+
     pl.run_scoped(
-        lambda *scoped: body(scoped),
-        smem,
-        barriers,
-        signal_scratch(named, families),
+        scoped,
+        list(smem.values()),
+        tuple(barriers.values()),
+        named.scratch(),
         collective_axes="wg",
     )
