@@ -51,7 +51,9 @@ class MosaicConfig(AbstractConfig):
         128). PyTorch's `BLOCK_N` sets it.
     - `num_stages`: depth of the K/V shared-memory ring, 2 to 4 (default 2; shared
         memory limits it: at D=128 and `block_kv=128` only 2 fit). PyTorch's
-        `num_stages` sets it.
+        `num_stages` sets it. A config whose buffers exceed the GPU's shared memory
+        (227 KiB a block on sm90) declines, saying how many bytes it needs; where
+        only the backward's do not fit, the `xla` backward runs.
     - `persistent`: run the forward as a persistent kernel, one program per SM
         walking its share of the query tiles (heaviest first) with the K/V ring
         streaming on across tiles, instead of one program per tile (default False:
@@ -186,6 +188,10 @@ class MosaicBackend(AbstractBackend):
         for mod in (problem.score_mod, problem.mask_mod):
             if mod is not None:
                 kernel_mod_specs(mod)  # raises for a mod the kernels can't take
+        # A config whose buffers exceed the shared memory: a decline, not a
+        # compile error.
+        shape = _forward.ForwardShape(**self._sizes(problem, cfg), block_q=cfg.block_q)
+        _forward.check_fits(shape, dtype)
 
     def _padded(self, problem, cfg):
         lq, lkv = problem.q.shape[2], problem.k.shape[2]
@@ -344,6 +350,14 @@ class MosaicBackend(AbstractBackend):
                             "(its Mosaic GPU layout inference; lowered and run "
                             "on jax 0.11)"
                         )
+        specs = None
+        if problem.score_mod is not None:
+            specs = kernel_mod_specs(problem.score_mod)
+        shape = _backward.BackwardShape(**self._sizes(problem, self.config(problem)))
+        try:
+            _backward.check_fits(shape, problem.q.dtype, specs, need_mod)
+        except NotImplementedError as e:
+            return str(e)
         return None
 
 

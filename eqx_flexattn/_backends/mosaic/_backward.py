@@ -142,21 +142,29 @@ def _dkv_scratch(s: BackwardShape, dtype, diagonals: bool) -> tuple[dict, dict]:
     return smem, barriers
 
 
-def check_fits(s: BackwardShape, dtype, specs, want_tables: bool) -> None:
-    """Declines (`NotImplementedError`) a backward whose dQ or dK/dV kernel exceeds
-    the GPU's shared memory (`specs`: the score mod's table specs, or None;
-    `want_tables`: its table gradients are wanted)."""
+def smem_needed(s: BackwardShape, dtype, specs, want_tables: bool) -> dict:
+    """Bytes of shared memory the dQ and dK/dV kernels take on the GPU, by kernel
+    (`specs`: the score mod's table specs, or None; `want_tables`: its table
+    gradients are wanted)."""
     gpu = dataclasses.replace(s, interpret=False)
     n_grads = len(grad_tables(specs, want_tables, DQ_TABLE_KINDS))
-    # The dQ kernel reduces (over keys) only for the table gradients' row sums.
-    dq = smem_bytes(*_dq_scratch(gpu, dtype, n_grads), n_grads > 0)
-    why = f"D={s.d}, Dv={s.dv}, block_kv={s.block_kv}, num_stages={s.num_stages}"
-    check_smem("dQ kernel", dq, why)
     diagonals = bool(grad_tables(specs, want_tables, DKV_TABLE_KINDS))
-    dkv = smem_bytes(*_dkv_scratch(gpu, dtype, diagonals), False)
-    if diagonals:
-        why += ", with the diagonal sums of a relative-position table's gradient"
-    check_smem("dK/dV kernel", dkv, why)
+    return {
+        # The dQ kernel reduces (over keys) only for the table gradients' row sums.
+        "dQ": smem_bytes(*_dq_scratch(gpu, dtype, n_grads), n_grads > 0),
+        "dK/dV": smem_bytes(*_dkv_scratch(gpu, dtype, diagonals), False),
+    }
+
+
+def check_fits(s: BackwardShape, dtype, specs, want_tables: bool) -> None:
+    """Declines (`NotImplementedError`) a backward whose dQ or dK/dV kernel exceeds
+    the GPU's shared memory (arguments as for `smem_needed`)."""
+    why = f"D={s.d}, Dv={s.dv}, block_kv={s.block_kv}, num_stages={s.num_stages}"
+    needed = smem_needed(s, dtype, specs, want_tables)
+    check_smem("dQ kernel", needed["dQ"], why)
+    if grad_tables(specs, want_tables, DKV_TABLE_KINDS):
+        why += "; with the shear buffer of a relative-position table's gradient"
+    check_smem("dK/dV kernel", needed["dK/dV"], why)
 
 
 def _log2_scores(tiles, raw, at, fixed, apply_mask: bool, kv_bound):

@@ -169,12 +169,16 @@ def _scratch(s: ForwardShape, dtype) -> tuple[dict, dict]:
     return smem, barriers
 
 
+def smem_needed(s: ForwardShape, dtype) -> int:
+    """Bytes of shared memory the forward takes on the GPU (its softmax reduces)."""
+    return smem_bytes(*_scratch(dataclasses.replace(s, interpret=False), dtype), True)
+
+
 def check_fits(s: ForwardShape, dtype) -> None:
     """Declines (`NotImplementedError`) a forward whose buffers exceed the GPU's
     shared memory."""
-    needed = smem_bytes(*_scratch(dataclasses.replace(s, interpret=False), dtype), True)
     why = f"D={s.d}, Dv={s.dv}, block_kv={s.block_kv}, num_stages={s.num_stages}"
-    check_smem("forward kernel", needed, why)
+    check_smem("forward kernel", smem_needed(s, dtype), why)
 
 
 def forward(
