@@ -4,8 +4,16 @@ The forward pass is the block-sparse FlashAttention-3-style kernel of
 `_forward`; the backward pass runs the dQ and dK/dV kernels of `_backward`
 (score-mod parameter gradients from the kernels' per-row and per-diagonal partials),
 or the `xla` backend's backward where those kernels decline (head dims over 128,
-gradients of per-key float tables), fed with the forward kernel's output and
-log-sum-exp.
+gradients of per-key float tables, buffers over the shared memory), fed with the
+forward kernel's output and log-sum-exp.
+
+The package: this module (options, checks, the block lists, padding); `_forward`
+and `_backward` (the kernels, each with its named scratch buffers and hand-offs);
+`_pipeline` (warp specialisation and register budgets, the producer's TMA ring, the
+named-barrier registry, scoped buffers by name and their shared-memory size, batched
+wgmmas); `_mod_tiles` (score and mask mods on register tiles) and `_tile_eval` (a
+mod's scalar program on row and column vectors). Shared with other backends:
+`_tiles` (softmax tile math) and `_reduce` (table-gradient reductions).
 """
 
 from __future__ import annotations
@@ -114,9 +122,6 @@ def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
     return jnp.pad(x, widths, constant_values=value)
-
-
-DKV_TILES = (64, 128)  # the dK/dV kernel's (query tile, key block)
 
 
 def _mask_at(problem: AttentionProblem, rows: int, cols: int) -> BlockMask:
@@ -311,7 +316,7 @@ class MosaicBackend(AbstractBackend):
             dq = dq[:, :, :lq, :d] if perturbed.q else None
         dk = dv_ = None
         if perturbed.k or perturbed.v or need_diag:
-            dkv_mask = _mask_at(problem, *DKV_TILES)
+            dkv_mask = _mask_at(problem, *_backward.DKV_TILES)
             hq = problem.q.shape[1]
             counts, work = _work_lists(dkv_mask, hq, hkv, lq_pad // 64, kv_ragged)
             dk, dv_, diag_partials = _backward.dkv_kernel(
@@ -363,8 +368,8 @@ class MosaicBackend(AbstractBackend):
 
 def _visited_tiles(bm: BlockMask, lq_pad: int, lkv_pad: int):
     """`(B|1, H|1, Lkv_pad / 64, Lq_pad / 64)` bool: the 64x64 tiles (key tile, query
-    tile) that the dK/dV kernel computes from `bm` (at `DKV_TILES`: its key blocks
-    are 128 keys)."""
+    tile) that the dK/dV kernel computes from `bm` (at `_backward.DKV_TILES`: its
+    key blocks are 128 keys)."""
     # Unchecked: the dK/dV kernel ran on these same lists (and the checks'
     # `eqx.error_if` would not lower for the GPU off one).
     partial, full = bm._states(check=False)
@@ -388,8 +393,8 @@ def _table_vjp(problem, score: KernelMod, row_grads: dict, lq_pad: int, lkv_pad:
 
 
 def _work_lists(bm: BlockMask, hq: int, hkv: int, mq_pad: int, kv_ragged: bool):
-    """The dK/dV kernel's lists from `bm` (at `DKV_TILES`): per (batch, kv head,
-    128-key block), the 64-row query tiles of every query head of the group, coded
+    """The dK/dV kernel's lists from `bm` (at `_backward.DKV_TILES`): per (batch, kv
+    head, 128-key block), the 64-row query tiles of every query head of the group, coded
     `j * mq_pad + i` (`mq_pad`: the kernel's number of query tiles, `Lq_pad / 64`),
     full ones first; `counts (B|1, Hkv, Nkv, 2)` (full, all). Every tile of a ragged
     last key block counts as partial (its padded keys must be masked)."""

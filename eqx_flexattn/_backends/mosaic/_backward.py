@@ -77,6 +77,8 @@ class BackwardShape:
 
 
 ROWS = WGMMA_ROWS  # rows per consumer warpgroup: queries (dQ) or keys (dK/dV)
+PROGRAM_ROWS = CONSUMERS * ROWS  # rows per program
+DKV_TILES = (ROWS, PROGRAM_ROWS)  # the dK/dV kernel's (query tile, key block)
 DQ_TABLE_KINDS = ("scalar", "q")  # float tables whose gradients the dQ kernel sums
 DKV_TABLE_KINDS = ("diag",)  # ... and the dK/dV kernel
 
@@ -205,7 +207,7 @@ def dq_kernel(
     s = shape
     dtype = q.dtype
     bkv, stages = s.block_kv, s.num_stages
-    mq = s.lq_pad // (2 * ROWS)
+    mq = s.lq_pad // PROGRAM_ROWS
     mask_b, mask_h = blocks.shape[:2]
     mods = KernelMods(score_mod, mask_mod, s)
     specs = None if score_mod is None else score_mod.specs
@@ -244,7 +246,7 @@ def dq_kernel(
 
         def consumer():
             q_smem, do_smem = smem["q"].at[wg], smem["do"].at[wg]
-            q0 = qi * (2 * ROWS) + wg * ROWS
+            q0 = qi * PROGRAM_ROWS + wg * ROWS
             rows = (b, h, pl.ds(q0, ROWS))
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barriers.at[2 * wg])
             plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, q_barriers.at[2 * wg + 1])
@@ -373,7 +375,7 @@ def dkv_kernel(
     s = shape
     dtype = q.dtype
     stages = s.num_stages
-    nkv = s.lkv_pad // (2 * ROWS)
+    nkv = s.lkv_pad // PROGRAM_ROWS
     mq = s.lq_pad // ROWS
     work_b = work.shape[0]
     mods = KernelMods(score_mod, mask_mod, s)
@@ -416,7 +418,7 @@ def dkv_kernel(
 
         def consumer():
             k_smem, v_smem = smem["k"].at[wg], smem["v"].at[wg]
-            kv0 = ki * (2 * ROWS) + wg * ROWS
+            kv0 = ki * PROGRAM_ROWS + wg * ROWS
             keys = (b, kvh, pl.ds(kv0, ROWS))
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_bars.at[2 * wg])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_bars.at[2 * wg + 1])

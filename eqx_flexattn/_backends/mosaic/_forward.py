@@ -1,6 +1,7 @@
 """The Pallas Mosaic GPU forward kernel (Hopper): block-sparse flash attention.
 
-One program per (query head, query block, batch); a query block is `2 * block_q`
+One program per (query head, query block, batch), or persistent programs that
+each walk a share of them (`TileSchedule`); a query block is `2 * block_q`
 rows, one `block_q`-row half per consumer warpgroup, and is one row of the
 `BlockMask` (at tile size `(2 * block_q, block_kv)`). A third, producer warpgroup
 streams the K/V tiles that the row's block list names into a `num_stages`-deep
@@ -34,12 +35,14 @@ from ._pipeline import (
     Handoff,
     NamedBarriers,
     produce_kv,
+    ROW,
     run_scoped_warpgroups,
     smem_bytes,
     split_warpgroups,
     sweep,
     swizzled,
     warp_specialized,
+    WG,
 )
 
 
@@ -201,8 +204,6 @@ def forward(
     bq, bkv, stages = s.block_q, s.block_kv, s.num_stages
     mask_b, mask_h = blocks.shape[:2]
     mods = KernelMods(score_mod, mask_mod, s)
-    wg_layout = plgpu.Layout.WGMMA
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
     schedule = s.schedule
     persistent = schedule.persistent
     named_barriers = _named_barriers(s)
@@ -245,9 +246,9 @@ def forward(
             mask_static = mask_tiles.fixed(b, h, q0)
             plgpu.barrier_wait(q_barriers.at[wg])
 
-            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
-            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
-            acc = plgpu.layout_cast(jnp.full((bq, s.dv), 0.0, jnp.float32), wg_layout)
+            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), ROW)
+            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), ROW)
+            acc = plgpu.layout_cast(jnp.full((bq, s.dv), 0.0, jnp.float32), WG)
 
             @pl.when(n_all > 0)
             def _():
