@@ -251,7 +251,7 @@ def forward(
             acc = plgpu.layout_cast(jnp.full((bq, s.dv), 0.0, jnp.float32), WG)
 
             @pl.when(n_all > 0)
-            def _():
+            def wait_first_k():
                 plgpu.barrier_wait(k_barriers.at[ring_slot(steps)])
 
             if persistent:
@@ -303,7 +303,7 @@ def forward(
 
                 def wait_next_k():
                     @pl.when(t + 1 < n_all)
-                    def _():
+                    def wait():
                         plgpu.barrier_wait(k_barriers.at[ring_slot(steps + t + 1)])
 
                 p_smem = None if smem["p"] is None else smem["p"].at[wg]

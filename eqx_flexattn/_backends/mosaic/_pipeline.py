@@ -333,12 +333,12 @@ def produce(fetch, n_all, stages: int, released, steps=0):
     the consumers released it (every `Signals` of `released`)."""
 
     @pl.loop(jnp.int32(0), n_all)
-    def _(t):
+    def fill_slot(t):
         step = steps + t
         slot = lax.rem(step, jnp.int32(stages))
 
         @pl.when(step >= stages)
-        def _():
+        def wait_for_release():
             for signals in released:
                 signals.wait(slot)
 
@@ -351,7 +351,7 @@ def drain(total, stages: int, released) -> None:
     for i in range(stages):
 
         @pl.when(i < total)
-        def _():
+        def observe_last_release():
             for signals in released:
                 signals.wait(i)
 
