@@ -31,7 +31,9 @@ from eqx_flexattn import masks, score_mods
 from eqx_flexattn._backends import BACKENDS
 
 
-# name: (mask mod, score mod, Lq, Lkv, Hkv) with Hq = 2, D = 128, bf16
+# name: (mask mod, score mod, Lq, Lkv, Hkv[, options]) with Hq = 2; the options
+# (all optional): "d" (head dim, default 128), "dtype" (default bf16),
+# "kernel_options" (default None).
 CASES = {
     "alibi_causal": (
         masks.causal_mask,
@@ -55,12 +57,34 @@ CASES = {
         1024,
         2,
     ),
+    "alibi_causal_persistent": (
+        masks.causal_mask,
+        score_mods.Alibi(jnp.linspace(0.1, 0.9, 2, dtype=jnp.float32)),
+        1024,
+        1024,
+        2,
+        {"kernel_options": {"mosaic": {"persistent": True}}},
+    ),
+    "softcap_causal_d64_fp16": (
+        masks.causal_mask,
+        score_mods.SoftCap(30.0),
+        512,
+        512,
+        2,
+        {"d": 64, "dtype": jnp.float16, "kernel_options": {"num_stages": 3}},
+    ),
+    # The backward of D=256 is the xla backend's: one kernel, the forward.
+    "causal_d256": (masks.causal_mask, None, 512, 512, 2, {"d": 256}),
 }
 
 
 def _modules(case) -> list[str]:
     """The Mosaic GPU modules (text) of one case's forward and backward."""
-    mask_mod, score_mod, lq, lkv, hkv = case
+    mask_mod, score_mod, lq, lkv, hkv, *extra = case
+    options = extra[0] if extra else {}
+    d = options.get("d", 128)
+    dtype = options.get("dtype", jnp.bfloat16)
+    kernel_options = options.get("kernel_options")
     backend = BACKENDS["mosaic"]
     texts = []
     lower = lowering.lower_unpipelined_jaxpr_to_module
@@ -76,14 +100,16 @@ def _modules(case) -> list[str]:
 
         def loss(q, k, v, mod):
             gqa = hkv != q.shape[1]
-            problem = fa._attention._problem(q, k, v, mod, bm, None, gqa, None)
+            problem = fa._attention._problem(
+                q, k, v, mod, bm, None, gqa, kernel_options
+            )
             out, _ = fa._attention._fused(problem, backend)
             return jnp.sum(out.astype(jnp.float32))
 
         return eqx.filter_grad(lambda a: loss(*a))((q, k, v, score_mod))
 
-    q = jax.ShapeDtypeStruct((1, 2, lq, 128), jnp.bfloat16)
-    k = jax.ShapeDtypeStruct((1, hkv, lkv, 128), jnp.bfloat16)
+    q = jax.ShapeDtypeStruct((1, 2, lq, d), dtype)
+    k = jax.ShapeDtypeStruct((1, hkv, lkv, d), dtype)
     lowering.lower_unpipelined_jaxpr_to_module = recording
     try:
         jax.jit(grads).trace(q, k, k).lower(lowering_platforms=("cuda",))

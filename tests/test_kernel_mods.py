@@ -8,8 +8,8 @@ import pytest
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
-from eqx_flexattn._backends import _tile_eval
-from eqx_flexattn._backends._mosaic_mods import _scalar_pullback
+from eqx_flexattn._backends.mosaic import _tile_eval
+from eqx_flexattn._backends.mosaic._mod_tiles import _scalar_pullback
 from eqx_flexattn._mods import (
     convert_mask_mod,
     convert_score_mod,

@@ -623,15 +623,169 @@ def test_options():
 
 def test_named_barriers_are_counted():
     """The kernels' hand-offs get consecutive hardware barrier ids after Mosaic GPU's
-    own; asking for more than a CTA has is an error, not a silent overlap."""
-    from eqx_flexattn._backends._mosaic_mods import FIRST_NAMED_BARRIER, make_signals
-
-    a, b, turn = make_signals(True, [(4, 2, 1), (4, 2, 1), (2, 1, 1)], [None] * 3)
-    assert (a.first_id, b.first_id, turn.first_id) == (
-        FIRST_NAMED_BARRIER,
-        FIRST_NAMED_BARRIER + 4,
-        FIRST_NAMED_BARRIER + 8,
+    own, below the warpgroup syncs where a kernel has them; asking for more than a
+    CTA has is an error, not a silent overlap."""
+    from eqx_flexattn._backends.mosaic._pipeline import (
+        BarrierId,
+        Handoff,
+        NamedBarriers,
     )
-    assert a._threads == 384 and turn._threads == 256
-    with pytest.raises(ValueError, match="named barriers needed"):
-        make_signals(True, [(8, 2, 1), (8, 2, 1)], [None, None])
+
+    ring = Handoff(4, arrivals=2, waiters=1)
+    registry = NamedBarriers(
+        True, {"k": ring, "v": ring, "turn": Handoff(2, arrivals=1, waiters=1)}
+    )
+    assert registry.first_ids == {"k": 4, "v": 8, "turn": 12}
+    assert BarrierId.HANDOFFS == 4 and BarrierId.COUNT == 16
+    signals = registry.signals(registry.scratch())
+    assert signals["k"]._threads == 384 and signals["turn"]._threads == 256
+    assert signals["turn"].first_id == 12
+    assert registry.scratch() == (None, None, None)
+    with pytest.raises(ValueError, match="20 named barriers needed, 12 available"):
+        NamedBarriers(True, {"a": Handoff(10, 2, 1), "b": Handoff(10, 2, 1)})
+    # Ids 14 and 15 are the consumers' warpgroup syncs where a kernel takes them.
+    NamedBarriers(True, {"a": Handoff(10, 2, 1)}, warpgroup_syncs=True)  # 4-13
+    with pytest.raises(ValueError, match="11 named barriers needed, 10 available"):
+        NamedBarriers(True, {"a": Handoff(11, 2, 1)}, warpgroup_syncs=True)
+    with pytest.raises(ValueError, match="reserved no warpgroup syncs"):
+        registry.warpgroup_sync(0)
+    # The interpreter: mbarriers stand in, one allocation per hand-off.
+    interpreted = NamedBarriers(False, {"k": ring})
+    (bars,) = interpreted.scratch()
+    assert (np.prod(bars.num_barriers), bars.num_arrivals) == (4, 2)
+
+
+# ------------------------------------------------------------- shared memory
+
+
+def _smem_available() -> int:
+    return getattr(jax.devices()[0], "shared_memory_per_block_optin", 227 * 1024)
+
+
+def test_declines_a_config_that_does_not_fit_shared_memory():
+    """A config whose buffers exceed a block's shared memory is a decline with the
+    bytes needed and available (no compile error); `auto` moves on to `xla`."""
+    q = jax.ShapeDtypeStruct((1, 2, 256, 256), jnp.bfloat16)
+    opts = {"mosaic": {**INTERPRET["mosaic"], "block_kv": 256}}
+    # Counted by hand, each buffer rounded up to 1 KiB: Q (2 x 64 x 256 bf16),
+    # K and V rings (2 x 256 x 256 bf16 each), lse (2 x 64 f32), the softmax's
+    # reduction scratch (2 KiB), 6 mbarriers of 8 bytes.
+    needed = 65536 + 2 * 262144 + 1024 + 2048 + 6 * 8
+    reason = (
+        f"mosaic: its forward kernel needs {needed:,} bytes of shared memory (D=256, "
+        f"Dv=256, block_kv=256, num_stages=2), more than the {_smem_available():,} "
+        "a block has."
+    )
+    text = _explain(q, kernel_options=opts)
+    assert text.startswith("backend: xla\n")
+    assert f"declined: {reason}" in text.splitlines()
+    with pytest.raises(NotImplementedError, match="592,944 bytes of shared memory"):
+        fa.flex_attention(
+            *(jnp.zeros((1, 1, 64, 256), jnp.bfloat16),) * 3,
+            backend="mosaic",
+            kernel_options=opts,
+        )
+    # One stage less at D=128 and block_kv=128 fits (by 64 bytes, the 3rd does not).
+    q128 = jax.ShapeDtypeStruct((1, 2, 256, 128), jnp.bfloat16)
+    for stages, backend in [(2, "mosaic"), (3, "xla")]:
+        opts = {"mosaic": {**INTERPRET["mosaic"], "num_stages": stages}}
+        assert _explain(q128, kernel_options=opts).startswith(f"backend: {backend}\n")
+
+
+def test_backward_that_does_not_fit_declines_with_a_reason():
+    """Where the forward fits but a backward kernel does not (the diagonal sums'
+    shear buffer beside a 4-deep ring), the backward declines with a sentence."""
+    from eqx_flexattn._backends import BACKENDS
+
+    q = jnp.zeros((1, 2, 128, 128), jnp.bfloat16)
+    opts = {"mosaic": {**INTERPRET["mosaic"], "num_stages": 4, "block_kv": 64}}
+    mod = _relative_bias(2, 64)
+    problem = fa._attention._problem(q, q, q, mod, None, None, False, opts)
+    backend = BACKENDS["mosaic"]
+    backend.check(problem)  # the forward fits
+    # K, V (2 x 64 x 128 bf16 each), Q and dO rings (4 x 64 x 128 bf16 each), lse
+    # and delta rings (4 x 64 f32, 1 KiB each), the shear (2 x 64 x 192 f32), 20
+    # mbarriers.
+    needed = 2 * 32768 + 2 * 65536 + 2 * 1024 + 98304 + 20 * 8
+    reason = backend._backward_declines(problem, True)
+    assert reason.startswith(f"its dK/dV kernel needs {needed:,} bytes")
+    assert "relative-position table's gradient), more than the" in reason
+    assert backend._backward_declines(problem, False) is None  # no shear: fits
+
+
+def _lowered_smem(kernel, d, dv, opts, score_mod=None, tables=False):
+    """(bytes of shared memory the Mosaic GPU lowering allocates for `kernel`, our
+    estimate of them)."""
+    import re
+    import types
+
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+
+    from eqx_flexattn._backends import BACKENDS
+    from eqx_flexattn._backends.mosaic import _backward, _forward
+
+    backend = BACKENDS["mosaic"]
+    spec = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16)
+    estimates = []
+
+    def f(q, k, v):
+        problem = fa._attention._problem(
+            q, k, v, score_mod, None, None, False, {"mosaic": opts}
+        )
+        cfg = backend.config(problem)
+        sizes = backend._sizes(problem, cfg)
+        if kernel == "forward":
+            shape = _forward.ForwardShape(**sizes, block_q=cfg.block_q)
+            estimates.append(_forward.smem_needed(shape, q.dtype))
+            return backend.forward(problem)
+        specs = None if score_mod is None else problem.score_mod
+        specs = None if specs is None else fa._mods.kernel_mod_specs(specs)
+        shape = _backward.BackwardShape(**sizes)
+        needed = _backward.smem_needed(shape, q.dtype, specs, tables)
+        estimates.append(needed[kernel])
+        out = jnp.zeros(v.shape, v.dtype)
+        lse = jnp.zeros(q.shape[:3], jnp.float32)
+        dq = kernel == "dQ"
+        perturbed = types.SimpleNamespace(
+            q=dq,
+            k=not dq,
+            v=not dq,
+            score_mod=jax.tree.map(lambda _: True, problem.score_mod)
+            if tables
+            else None,
+        )
+        return backend.backward(problem, out, lse, out, None, perturbed)
+
+    args = spec(1, 2, 256, d), spec(1, 2, 256, d), spec(1, 2, 256, dv)
+    with mgpu_core.artificial_shared_memory_limit(0):
+        with pytest.raises(ValueError, match="exceeds available shared memory") as e:
+            jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",))
+    (lowered,) = re.findall(r"\bsmem_bytes=(\d+)", str(e.value))
+    return int(lowered), estimates[0]
+
+
+ALIBI = score_mods.Alibi(jnp.linspace(0.1, 0.9, 2, dtype=jnp.float32))
+SMEM_CASES = {
+    "forward_3_stages": ("forward", 128, 128, {"num_stages": 3}),
+    "forward_dv64_alibi": ("forward", 128, 64, {}, ALIBI),
+    "dq_table_grads": ("dQ", 128, 128, {}, ALIBI, True),
+    "dq_d64_4_stages": ("dQ", 64, 64, {"num_stages": 4}),
+    "dkv_softcap": ("dK/dV", 128, 128, {}, score_mods.SoftCap(20.0)),
+}
+if not jax.__version_info__ >= (0, 12):  # jax 0.12 does not lower the shear
+    SMEM_CASES["dkv_diagonal_sums"] = (
+        "dK/dV",
+        64,
+        64,
+        {"num_stages": 3},
+        score_mods.RelativePositionBias(2, 64, key=jax.random.key(0)),
+        True,
+    )
+
+
+@pytest.mark.parametrize("name", list(SMEM_CASES))
+def test_shared_memory_estimate_is_what_lowers(name):
+    """The estimate behind the declines is the shared memory the Mosaic GPU lowering
+    allocates (it reports it when over a limit, here set to 0)."""
+    lowered, estimate = _lowered_smem(*SMEM_CASES[name])
+    assert estimate == lowered

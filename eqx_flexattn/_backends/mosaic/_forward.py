@@ -1,6 +1,7 @@
 """The Pallas Mosaic GPU forward kernel (Hopper): block-sparse flash attention.
 
-One program per (query head, query block, batch); a query block is `2 * block_q`
+One program per (query head, query block, batch), or persistent programs that
+each walk a share of them (`TileSchedule`); a query block is `2 * block_q`
 rows, one `block_q`-row half per consumer warpgroup, and is one row of the
 `BlockMask` (at tile size `(2 * block_q, block_kv)`). A third, producer warpgroup
 streams the K/V tiles that the row's block list names into a `num_stages`-deep
@@ -23,19 +24,26 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .._mods import KernelMod
-from ._mosaic_mods import (
+from ..._mods import KernelMod
+from .._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
+from ._mod_tiles import apply_keep, KernelMods
+from ._pipeline import (
     accumulate_mma,
-    apply_keep,
+    check_smem,
+    CONSUMERS,
     drain,
-    KernelMods,
-    make_signals,
+    Handoff,
+    NamedBarriers,
     produce_kv,
+    ROW,
     run_scoped_warpgroups,
+    smem_bytes,
+    split_warpgroups,
     sweep,
+    swizzled,
     warp_specialized,
+    WG,
 )
-from ._tiles import LN_2, LOG2_E, rowwise, softmax_finish, softmax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,119 @@ class ForwardShape:
     def groups(self) -> int:
         return self.hq // self.hkv
 
+    @property
+    def schedule(self) -> TileSchedule:
+        mq = self.lq_pad // tile_rows(self.block_q)
+        return TileSchedule(self.hq, mq, self.b, self.programs)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileSchedule:
+    """Which query tiles (head, query block, batch) each program of the forward runs,
+    heaviest (last) query blocks first (FA3's tile schedulers; tokamax's
+    `grid_loop`): one program per tile (`programs=0`), or `programs` persistent
+    programs (at most one per tile), each taking every `programs`-th tile, the K/V
+    ring streaming on across its tiles."""
+
+    hq: int
+    mq: int  # query blocks
+    b: int
+    programs: int
+
+    @property
+    def n_tiles(self) -> int:
+        return self.hq * self.mq * self.b
+
+    @property
+    def persistent(self) -> bool:
+        return self.programs > 0
+
+    @property
+    def n_programs(self) -> int:
+        return min(self.programs, self.n_tiles)
+
+    @property
+    def grid(self) -> tuple[tuple, tuple]:
+        """`(grid, grid_names)` of the kernel."""
+        if self.persistent:
+            return (self.n_programs,), ("programs",)
+        return (self.hq, self.mq, self.b), ("heads", "q", "batch")
+
+    def tile(self, k):
+        """(head, query block, batch) of the program's `k`-th tile."""
+        if not self.persistent:
+            h, r, b = (lax.axis_index(n) for n in ("heads", "q", "batch"))
+            return h, self.mq - 1 - r, b
+        item = lax.axis_index("programs") + k * self.n_programs
+        h = lax.rem(item, jnp.int32(self.hq))
+        rest = lax.div(item, jnp.int32(self.hq))
+        b = lax.rem(rest, jnp.int32(self.b))
+        return h, self.mq - 1 - lax.div(rest, jnp.int32(self.b)), b
+
+    def for_each_tile(self, body):
+        """`body(k, steps) -> steps` over the program's tiles, `steps` counting the
+        K/V blocks streamed so far (the ring continues across tiles); returns it. One
+        program per tile: a single call."""
+        if not self.persistent:
+            return body(0, 0)
+        pid = lax.axis_index("programs")
+        n_mine = lax.div(self.n_tiles - 1 - pid, jnp.int32(self.n_programs)) + 1
+        return lax.fori_loop(jnp.int32(0), n_mine, body, jnp.int32(0))
+
+
+def _named_barriers(s: ForwardShape) -> NamedBarriers:
+    """The forward's hand-offs: each consumer releases K and V ring slots to the
+    producer; the consumers pass the tensor cores to each other (`turn[w]`:
+    warpgroup w's go) and, in a persistent kernel, meet between tiles (`meet`: both
+    may go on)."""
+    stages = s.num_stages
+    handoffs = {
+        "k_released": Handoff(stages, arrivals=CONSUMERS, waiters=1),
+        "v_released": Handoff(stages, arrivals=CONSUMERS, waiters=1),
+        "turn": Handoff(CONSUMERS, arrivals=1, waiters=1),
+    }
+    if s.schedule.persistent:
+        handoffs["meet"] = Handoff(1, arrivals=CONSUMERS, waiters=0)
+    return NamedBarriers(not s.interpret, handoffs)
+
+
+def _scratch(s: ForwardShape, dtype) -> tuple[dict, dict]:
+    """The forward's shared-memory buffers and TMA barriers, by name."""
+    bq, bkv, stages = s.block_q, s.block_kv, s.num_stages
+    smem = {
+        "q": plgpu.SMEM((CONSUMERS, bq, s.d), dtype, transforms=swizzled()),
+        "k": plgpu.SMEM((stages, bkv, s.d), dtype, transforms=swizzled()),
+        "v": plgpu.SMEM((stages, bkv, s.dv), dtype, transforms=swizzled()),
+        # The output tile reuses Q's buffer when the head dims agree.
+        "o": None
+        if s.dv == s.d
+        else plgpu.SMEM((CONSUMERS, bq, s.dv), dtype, transforms=swizzled()),
+        "lse": plgpu.SMEM((CONSUMERS, bq), jnp.float32),
+        # P staged in shared memory, in interpret mode only (its wgmma takes no
+        # register operand).
+        "p": plgpu.SMEM((CONSUMERS, bq, bkv), dtype, transforms=swizzled())
+        if s.interpret
+        else None,
+    }
+    barriers = {
+        "k": plgpu.Barrier(num_barriers=stages),
+        "v": plgpu.Barrier(num_barriers=stages),
+        "q": plgpu.Barrier(num_barriers=CONSUMERS),
+    }
+    return smem, barriers
+
+
+def smem_needed(s: ForwardShape, dtype) -> int:
+    """Bytes of shared memory the forward takes on the GPU (its softmax reduces)."""
+    return smem_bytes(*_scratch(dataclasses.replace(s, interpret=False), dtype), True)
+
+
+def check_fits(s: ForwardShape, dtype) -> None:
+    """Declines (`NotImplementedError`) a forward whose buffers exceed the GPU's
+    shared memory."""
+    why = f"D={s.d}, Dv={s.dv}, block_kv={s.block_kv}, num_stages={s.num_stages}"
+    check_smem("forward kernel", smem_needed(s, dtype), why)
+
 
 def forward(
     shape: ForwardShape,
@@ -81,56 +202,29 @@ def forward(
     s = shape
     dtype = q.dtype
     bq, bkv, stages = s.block_q, s.block_kv, s.num_stages
-    mq = s.lq_pad // (2 * bq)
     mask_b, mask_h = blocks.shape[:2]
     mods = KernelMods(score_mod, mask_mod, s)
-    wg_layout = plgpu.Layout.WGMMA
-    row_layout = plgpu.Layout.WGMMA.reduce(1)
-    named = not s.interpret
-    # Hand-offs: each consumer releases K and V ring slots to the producer; the
-    # consumers pass the tensor cores to each other (`turn[w]`: warpgroup w's go)
-    # and, in a persistent kernel, meet between tiles (`meet`: both may go on).
-    n_tiles = s.hq * mq * s.b
-    persistent = s.programs > 0
-    families = [(stages, 2, 1), (stages, 2, 1), (2, 1, 1)]
-    families += [(1, 2, 0)] if persistent else []
-    n_programs = min(s.programs, n_tiles)
-
-    def tile_at(k):
-        """(head, query block, batch) of the program's `k`-th tile, heaviest (last)
-        query blocks first. A persistent program takes every `programs`-th tile."""
-        if not persistent:
-            h, r, b = (lax.axis_index(n) for n in ("heads", "q", "batch"))
-            return h, mq - 1 - r, b
-        item = lax.axis_index("programs") + k * n_programs
-        h = lax.rem(item, jnp.int32(s.hq))
-        rest = lax.div(item, jnp.int32(s.hq))
-        b = lax.rem(rest, jnp.int32(s.b))
-        return h, mq - 1 - lax.div(rest, jnp.int32(s.b)), b
-
-    def for_each_tile(body):
-        """`body(k, steps) -> steps` over the program's tiles, `steps` counting the
-        K/V blocks streamed so far (the ring continues across tiles); returns it."""
-        if not persistent:
-            return body(0, 0)
-        pid = lax.axis_index("programs")
-        n_mine = lax.div(n_tiles - 1 - pid, jnp.int32(n_programs)) + 1
-        return lax.fori_loop(jnp.int32(0), n_mine, body, jnp.int32(0))
+    schedule = s.schedule
+    persistent = schedule.persistent
+    named_barriers = _named_barriers(s)
 
     def kernel(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
         score_tiles, mask_tiles, (out_ref, lse_ref, scoped) = mods.tiles(
             refs, (bq, bkv), "q"
         )
-        smem, barriers, signal_bars = scoped
-        q_smem2, k_smem, v_smem, o_smem2, lse_smem2, p_smem2 = smem
-        k_barriers, v_barriers, q_barriers = barriers
-        signals = make_signals(named, families, signal_bars)
-        k_released, v_released, turn = signals[:3]
-        meet = signals[3] if persistent else None
+        smem, signals = scoped.smem, scoped.signals
+        k_smem, v_smem = smem["k"], smem["v"]
+        k_barriers, v_barriers, q_barriers = (
+            scoped.barriers[n] for n in ("k", "v", "q")
+        )
+        k_released, v_released, turn = (
+            signals[n] for n in ("k_released", "v_released", "turn")
+        )
+        meet = signals.get("meet")
         wg = lax.axis_index("wg")
 
         def block_list(k):
-            h, qi, b = tile_at(k)
+            h, qi, b = schedule.tile(k)
             mb = b if mask_b > 1 else 0
             mh = h if mask_h > 1 else 0
             n_full = counts_ref[mb, mh, qi, 0]
@@ -152,12 +246,12 @@ def forward(
             mask_static = mask_tiles.fixed(b, h, q0)
             plgpu.barrier_wait(q_barriers.at[wg])
 
-            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
-            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), row_layout)
-            acc = plgpu.layout_cast(jnp.full((bq, s.dv), 0.0, jnp.float32), wg_layout)
+            m_i = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), ROW)
+            l_i = plgpu.layout_cast(jnp.full((bq,), 0.0, jnp.float32), ROW)
+            acc = plgpu.layout_cast(jnp.full((bq, s.dv), 0.0, jnp.float32), WG)
 
             @pl.when(n_all > 0)
-            def _():
+            def wait_first_k():
                 plgpu.barrier_wait(k_barriers.at[ring_slot(steps)])
 
             if persistent:
@@ -209,10 +303,10 @@ def forward(
 
                 def wait_next_k():
                     @pl.when(t + 1 < n_all)
-                    def _():
+                    def wait():
                         plgpu.barrier_wait(k_barriers.at[ring_slot(steps + t + 1)])
 
-                p_smem = None if p_smem2 is None else p_smem2.at[wg]
+                p_smem = None if smem["p"] is None else smem["p"].at[wg]
                 acc = accumulate_mma(acc, p16, v_smem.at[slot], p_smem, wait_next_k)
                 v_released.arrive(slot)
                 return acc, m_i, l_i
@@ -221,9 +315,9 @@ def forward(
             pl.when(wg == 0)(lambda: turn.arrive(1))  # warpgroup 1's last go
 
             out, lse2 = softmax_finish(acc, l_i, m_i, jnp.log2)
-            o_smem = (q_smem2 if o_smem2 is None else o_smem2).at[wg]
+            o_smem = (smem["q"] if smem["o"] is None else smem["o"]).at[wg]
             o_smem[...] = out.astype(dtype)
-            lse_smem = lse_smem2.at[wg]
+            lse_smem = smem["lse"].at[wg]
             lse_smem[...] = lse2 * LN_2
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, out_ref.at[b, h, pl.ds(q0, bq)])
@@ -232,18 +326,12 @@ def forward(
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             return steps + n_all
 
-        # Decorated functions run where they are defined: the tile bodies come first.
-        @pl.when(wg < 2)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-            q_smem = q_smem2.at[wg]
-            for_each_tile(lambda k, steps: consume_tile(k, steps, q_smem))
+        def consumer():
+            q_smem = smem["q"].at[wg]
+            schedule.for_each_tile(lambda k, steps: consume_tile(k, steps, q_smem))
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
-        def _producer():
-            plgpu.set_max_registers(40, action="decrease")
-
+        def producer():
             def produce_tile(k, steps):
                 (h, _, b), _, n_all, block_at = block_list(k)
                 kvh = lax.div(h, jnp.array(s.groups, h.dtype))
@@ -260,49 +348,25 @@ def forward(
                 )
                 return steps + n_all
 
-            drain(for_each_tile(produce_tile), stages, (k_released, v_released))
+            steps = schedule.for_each_tile(produce_tile)
+            drain(steps, stages, (k_released, v_released))
+
+        split_warpgroups(wg, consumer, producer)
 
     def entry(q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs):
-        tiling = plgpu.TilingTransform((8, 64))
-        swizzle = plgpu.SwizzleTransform(128)
-        transforms = (tiling, swizzle)
-        smem = [
-            plgpu.SMEM((2, bq, s.d), dtype, transforms=transforms),
-            plgpu.SMEM((stages, bkv, s.d), dtype, transforms=transforms),
-            plgpu.SMEM((stages, bkv, s.dv), dtype, transforms=transforms),
-            # The output tile reuses Q's buffer when the head dims agree.
-            None
-            if s.dv == s.d
-            else plgpu.SMEM((2, bq, s.dv), dtype, transforms=transforms),
-            plgpu.SMEM((2, bq), jnp.float32),
-            # P staged in shared memory, in interpret mode only (its wgmma takes
-            # no register operand).
-            plgpu.SMEM((2, bq, bkv), dtype, transforms=transforms)
-            if s.interpret
-            else None,
-        ]
         run_scoped_warpgroups(
             lambda scoped: kernel(
                 q_ref, k_ref, v_ref, counts_ref, blocks_ref, *refs, scoped
             ),
-            smem,
-            (
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=2),
-            ),
-            named,
-            families,
+            *_scratch(s, dtype),
+            named_barriers,
         )
 
     out_type = (
         jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad, s.dv), dtype),
         jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad), jnp.float32),
     )
-    if persistent:
-        grid, grid_names = (n_programs,), ("programs",)
-    else:
-        grid, grid_names = (s.hq, mq, s.b), ("heads", "q", "batch")
+    grid, grid_names = schedule.grid
     return warp_specialized(entry, out_type, grid, grid_names, s.interpret)(
         q, k, v, counts, blocks, *mods.tables
     )

@@ -1,11 +1,19 @@
 """The `mosaic` backend: Pallas Mosaic GPU kernels for NVIDIA Hopper (sm90) and newer.
 
 The forward pass is the block-sparse FlashAttention-3-style kernel of
-`_mosaic_fwd`; the backward pass runs the dQ and dK/dV kernels of `_mosaic_bwd`
+`_forward`; the backward pass runs the dQ and dK/dV kernels of `_backward`
 (score-mod parameter gradients from the kernels' per-row and per-diagonal partials),
 or the `xla` backend's backward where those kernels decline (head dims over 128,
-gradients of per-key float tables), fed with the forward kernel's output and
-log-sum-exp.
+gradients of per-key float tables, buffers over the shared memory), fed with the
+forward kernel's output and log-sum-exp.
+
+The package: this module (options, checks, the block lists, padding); `_forward`
+and `_backward` (the kernels, each with its named scratch buffers and hand-offs);
+`_pipeline` (warp specialisation and register budgets, the producer's TMA ring, the
+named-barrier registry, scoped buffers by name and their shared-memory size, batched
+wgmmas); `_mod_tiles` (score and mask mods on register tiles) and `_tile_eval` (a
+mod's scalar program on row and column vectors). Shared with other backends:
+`_tiles` (softmax tile math) and `_reduce` (table-gradient reductions).
 """
 
 from __future__ import annotations
@@ -25,20 +33,20 @@ if jax.__version_info__ < (0, 11):  # the registry turns this into a decline rea
         f"the Mosaic GPU kernels need jax >= 0.11, this is jax {jax.__version__}"
     )
 
-from .._block_mask import BlockMask
-from .._mods import INDEX_DTYPE, kernel_mod, kernel_mod_specs, KernelMod
-from . import _mosaic_bwd, _mosaic_fwd
-from ._base import AbstractBackend, AttentionProblem, grads_like
-from ._config import AbstractConfig, check_bool
-from ._reduce import diagonal_partials, reduce_table_grads, table_vjp
-from ._tiles import LOG2_E
-from .xla import XlaBackend
+from ..._block_mask import BlockMask
+from ..._mods import INDEX_DTYPE, kernel_mod, kernel_mod_specs, KernelMod
+from .._base import AbstractBackend, AttentionProblem, grads_like
+from .._config import AbstractConfig, check_bool
+from .._reduce import diagonal_partials, reduce_table_grads, table_vjp
+from .._tiles import LOG2_E
+from ..xla import XlaBackend
+from . import _backward, _forward
 
 
 logger = logging.getLogger("eqx_flexattn")
 
 # jax 0.12's Mosaic GPU layout inference fails on (or takes forever over) the
-# shared-memory shear of `_mosaic_mods.diagonal_sums`; its interpreter runs it.
+# shared-memory shear of `_mod_tiles.diagonal_sums`; its interpreter runs it.
 _DIAGONAL_SUMS_UNLOWERED = jax.__version_info__ >= (0, 12)
 
 
@@ -51,7 +59,9 @@ class MosaicConfig(AbstractConfig):
         128). PyTorch's `BLOCK_N` sets it.
     - `num_stages`: depth of the K/V shared-memory ring, 2 to 4 (default 2; shared
         memory limits it: at D=128 and `block_kv=128` only 2 fit). PyTorch's
-        `num_stages` sets it.
+        `num_stages` sets it. A config whose buffers exceed the GPU's shared memory
+        (227 KiB a block on sm90) declines, saying how many bytes it needs; where
+        only the backward's do not fit, the `xla` backward runs.
     - `persistent`: run the forward as a persistent kernel, one program per SM
         walking its share of the query tiles (heaviest first) with the K/V ring
         streaming on across tiles, instead of one program per tile (default False:
@@ -114,9 +124,6 @@ def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-DKV_TILES = (64, 128)  # the dK/dV kernel's (query tile, key block)
-
-
 def _mask_at(problem: AttentionProblem, rows: int, cols: int) -> BlockMask:
     """The problem's BlockMask at a kernel's tiles `(rows, cols)`."""
     bm = problem.block_mask
@@ -150,7 +157,7 @@ def _block_lists(problem: AttentionProblem, rows: int, cols: int, kv_ragged: boo
 
 
 class MosaicBackend(AbstractBackend):
-    """Pallas Mosaic GPU kernels (Hopper and newer GPUs): see `_mosaic_fwd`.
+    """Pallas Mosaic GPU kernels (Hopper and newer GPUs): see `_forward`.
 
     Options: [`MosaicConfig`][] (`kernel_options={"mosaic": {"num_stages": 3}}`).
     """
@@ -186,12 +193,16 @@ class MosaicBackend(AbstractBackend):
         for mod in (problem.score_mod, problem.mask_mod):
             if mod is not None:
                 kernel_mod_specs(mod)  # raises for a mod the kernels can't take
+        # A config whose buffers exceed the shared memory: a decline, not a
+        # compile error.
+        shape = _forward.ForwardShape(**self._sizes(problem, cfg), block_q=cfg.block_q)
+        _forward.check_fits(shape, dtype)
 
     def _padded(self, problem, cfg):
         lq, lkv = problem.q.shape[2], problem.k.shape[2]
-        rows = _mosaic_fwd.tile_rows(cfg.block_q)
+        rows = _forward.tile_rows(cfg.block_q)
         cols = cfg.kv_tile(problem.q.shape[-1])
-        return _mosaic_fwd.padded(lq, rows), _mosaic_fwd.padded(lkv, cols)
+        return _forward.padded(lq, rows), _forward.padded(lkv, cols)
 
     def _sizes(self, problem, cfg) -> dict:
         """The kernels' static sizes: lengths padded to the tiles, head dims to
@@ -237,17 +248,17 @@ class MosaicBackend(AbstractBackend):
             sizes[n] for n in ("lq_pad", "lkv_pad", "d", "dv")
         )
         bkv = sizes["block_kv"]
-        shape = _mosaic_fwd.ForwardShape(
+        shape = _forward.ForwardShape(
             **sizes, block_q=cfg.block_q, programs=_programs(cfg)
         )
         counts, blocks = _block_lists(
-            problem, _mosaic_fwd.tile_rows(cfg.block_q), bkv, lkv_pad != lkv
+            problem, _forward.tile_rows(cfg.block_q), bkv, lkv_pad != lkv
         )
         score, mask = self._mods(problem, lq_pad, lkv_pad)
         qp = _pad_to(_pad_to(q, 2, lq_pad), 3, d_pad)
         kp = _pad_to(_pad_to(k, 2, lkv_pad), 3, d_pad)
         vp = _pad_to(_pad_to(v, 2, lkv_pad), 3, dv_pad)
-        out, lse = _mosaic_fwd.forward(shape, qp, kp, vp, counts, blocks, score, mask)
+        out, lse = _forward.forward(shape, qp, kp, vp, counts, blocks, score, mask)
         return out[:, :, :lq, :dv], lse[:, :, :lq]
 
     def backward(self, problem, out, lse, dout, dlse, perturbed) -> Any:
@@ -268,7 +279,7 @@ class MosaicBackend(AbstractBackend):
             sizes[n] for n in ("lq_pad", "lkv_pad", "d", "dv")
         )
         bkv = sizes["block_kv"]
-        shape = _mosaic_bwd.BackwardShape(**sizes)
+        shape = _backward.BackwardShape(**sizes)
         # The prologue: delta = rowsum(dO * O) (less dlse), lse in base 2 with +inf
         # for fully masked rows (their P is then 0).
         finite = jnp.isfinite(lse)
@@ -297,18 +308,18 @@ class MosaicBackend(AbstractBackend):
         dq = dmod = None
         row_grads = {}
         if perturbed.q or learnt & {"scalar", "q"}:
-            rows = _mosaic_fwd.tile_rows(cfg.block_q)
+            rows = _forward.tile_rows(cfg.block_q)
             counts, blocks = _block_lists(problem, rows, bkv, kv_ragged)
-            dq, row_grads = _mosaic_bwd.dq_kernel(
+            dq, row_grads = _backward.dq_kernel(
                 shape, *operands, counts, blocks, score, mask, need_mod
             )
             dq = dq[:, :, :lq, :d] if perturbed.q else None
         dk = dv_ = None
         if perturbed.k or perturbed.v or need_diag:
-            dkv_mask = _mask_at(problem, *DKV_TILES)
+            dkv_mask = _mask_at(problem, *_backward.DKV_TILES)
             hq = problem.q.shape[1]
             counts, work = _work_lists(dkv_mask, hq, hkv, lq_pad // 64, kv_ragged)
-            dk, dv_, diag_partials = _mosaic_bwd.dkv_kernel(
+            dk, dv_, diag_partials = _backward.dkv_kernel(
                 shape, *operands, counts, work, score, mask, need_diag
             )
             if perturbed.k or perturbed.v:
@@ -344,13 +355,21 @@ class MosaicBackend(AbstractBackend):
                             "(its Mosaic GPU layout inference; lowered and run "
                             "on jax 0.11)"
                         )
+        specs = None
+        if problem.score_mod is not None:
+            specs = kernel_mod_specs(problem.score_mod)
+        shape = _backward.BackwardShape(**self._sizes(problem, self.config(problem)))
+        try:
+            _backward.check_fits(shape, problem.q.dtype, specs, need_mod)
+        except NotImplementedError as e:
+            return str(e)
         return None
 
 
 def _visited_tiles(bm: BlockMask, lq_pad: int, lkv_pad: int):
     """`(B|1, H|1, Lkv_pad / 64, Lq_pad / 64)` bool: the 64x64 tiles (key tile, query
-    tile) that the dK/dV kernel computes from `bm` (at `DKV_TILES`: its key blocks
-    are 128 keys)."""
+    tile) that the dK/dV kernel computes from `bm` (at `_backward.DKV_TILES`: its
+    key blocks are 128 keys)."""
     # Unchecked: the dK/dV kernel ran on these same lists (and the checks'
     # `eqx.error_if` would not lower for the GPU off one).
     partial, full = bm._states(check=False)
@@ -374,8 +393,8 @@ def _table_vjp(problem, score: KernelMod, row_grads: dict, lq_pad: int, lkv_pad:
 
 
 def _work_lists(bm: BlockMask, hq: int, hkv: int, mq_pad: int, kv_ragged: bool):
-    """The dK/dV kernel's lists from `bm` (at `DKV_TILES`): per (batch, kv head,
-    128-key block), the 64-row query tiles of every query head of the group, coded
+    """The dK/dV kernel's lists from `bm` (at `_backward.DKV_TILES`): per (batch, kv
+    head, 128-key block), the 64-row query tiles of every query head of the group, coded
     `j * mq_pad + i` (`mq_pad`: the kernel's number of query tiles, `Lq_pad / 64`),
     full ones first; `counts (B|1, Hkv, Nkv, 2)` (full, all). Every tile of a ragged
     last key block counts as partial (its padded keys must be masked)."""

@@ -16,7 +16,7 @@ first, then partial ones (mask mod applied).
   (GQA is summed in registers); it works on `Sᵀ` (rows are keys):
   `dV += Pᵀ dO`, `dK += dSᵀ Q`. For every float table of kind "diag" (relative
   positions) it also returns the sums of the score mod's VJP along the diagonals of
-  each 64x64 tile (`_mosaic_mods.diagonal_sums`), placed on the table afterwards
+  each 64x64 tile (`_mod_tiles.diagonal_sums`), placed on the table afterwards
   (`_reduce.diagonal_partials`; no atomics).
 """
 
@@ -30,28 +30,29 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .._mods import KernelMod
-from ._mosaic_mods import (
-    apply_keep,
+from ..._mods import KernelMod
+from .._tiles import LOG2_E, rowwise
+from ._mod_tiles import apply_keep, diagonal_sums, DIAGONALS, KernelMods, SHEAR_WIDTH
+from ._pipeline import (
+    check_smem,
     COL,
-    diagonal_sums,
-    DIAGONALS,
+    CONSUMERS,
     drain,
-    KernelMods,
-    make_signals,
+    Handoff,
     mma_group,
-    NAMED_BARRIERS,
+    NamedBarriers,
     produce,
     produce_kv,
     ROW,
     run_scoped_warpgroups,
-    SHEAR_WIDTH,
+    smem_bytes,
+    split_warpgroups,
     sweep,
+    swizzled,
     warp_specialized,
-    warpgroup_sync,
     WG,
+    WGMMA_ROWS,
 )
-from ._tiles import LOG2_E, rowwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,22 +76,97 @@ class BackwardShape:
         return self.hq // self.hkv
 
 
-ROWS = 64  # rows per consumer warpgroup (the wgmma height)
+ROWS = WGMMA_ROWS  # rows per consumer warpgroup: queries (dQ) or keys (dK/dV)
+PROGRAM_ROWS = CONSUMERS * ROWS  # rows per program
+DKV_TILES = (ROWS, PROGRAM_ROWS)  # the dK/dV kernel's (query tile, key block)
+DQ_TABLE_KINDS = ("scalar", "q")  # float tables whose gradients the dQ kernel sums
+DKV_TABLE_KINDS = ("diag",)  # ... and the dK/dV kernel
 
 
-def _transforms():
-    return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-
-
-def _grad_tables(mod: KernelMod | None, want: bool, kinds) -> list[int]:
-    """Indices of the float tables of `kinds` whose gradient a kernel produces."""
-    if mod is None or not want:
+def grad_tables(specs, want: bool, kinds) -> list[int]:
+    """Indices of the float tables of `kinds` (among a score mod's table `specs`,
+    None: no score mod) whose gradient a kernel produces."""
+    if specs is None or not want:
         return []
     return [
         i
-        for i, sp in enumerate(mod.specs)
+        for i, sp in enumerate(specs)
         if sp.kind in kinds and jnp.issubdtype(sp.dtype, jnp.floating)
     ]
+
+
+def _dq_scratch(s: BackwardShape, dtype, n_grads: int) -> tuple[dict, dict]:
+    """The dQ kernel's shared-memory buffers and TMA barriers, by name."""
+    bkv, stages = s.block_kv, s.num_stages
+    smem = {
+        "q": plgpu.SMEM((CONSUMERS, ROWS, s.d), dtype, transforms=swizzled()),
+        "do": plgpu.SMEM((CONSUMERS, ROWS, s.dv), dtype, transforms=swizzled()),
+        "k": plgpu.SMEM((stages, bkv, s.d), dtype, transforms=swizzled()),
+        "v": plgpu.SMEM((stages, bkv, s.dv), dtype, transforms=swizzled()),
+        # Each warpgroup's row sums of table gradients, on their way out.
+        "row_sums": plgpu.SMEM((CONSUMERS, max(n_grads, 1), ROWS), jnp.float32),
+        # dS staged for its wgmma, in interpret mode only.
+        "ds": plgpu.SMEM((CONSUMERS, ROWS, bkv), dtype, transforms=swizzled())
+        if s.interpret
+        else None,
+    }
+    barriers = {
+        "k": plgpu.Barrier(num_barriers=stages),
+        "v": plgpu.Barrier(num_barriers=stages),
+        "q_do": plgpu.Barrier(num_barriers=2 * CONSUMERS),  # Q, dO per warpgroup
+    }
+    return smem, barriers
+
+
+def _dkv_scratch(s: BackwardShape, dtype, diagonals: bool) -> tuple[dict, dict]:
+    """The dK/dV kernel's shared-memory buffers and TMA barriers, by name
+    (`diagonals`: it sums "diag" table gradients)."""
+    stages = s.num_stages
+    smem = {
+        "k": plgpu.SMEM((CONSUMERS, ROWS, s.d), dtype, transforms=swizzled()),
+        "v": plgpu.SMEM((CONSUMERS, ROWS, s.dv), dtype, transforms=swizzled()),
+        "q": plgpu.SMEM((stages, ROWS, s.d), dtype, transforms=swizzled()),
+        "do": plgpu.SMEM((stages, ROWS, s.dv), dtype, transforms=swizzled()),
+        "lse": plgpu.SMEM((stages, ROWS), jnp.float32),
+        "delta": plgpu.SMEM((stages, ROWS), jnp.float32),
+        # Pᵀ and dSᵀ staged for their wgmmas, in interpret mode only.
+        "p_ds": plgpu.SMEM((CONSUMERS, 2, ROWS, ROWS), dtype, transforms=swizzled())
+        if s.interpret
+        else None,
+        "shear": plgpu.SMEM((CONSUMERS, ROWS, SHEAR_WIDTH), jnp.float32)
+        if diagonals
+        else None,
+    }
+    barriers = {
+        **{n: plgpu.Barrier(num_barriers=stages) for n in ("q", "do", "lse", "delta")},
+        "k_v": plgpu.Barrier(num_barriers=2 * CONSUMERS),  # K, V per warpgroup
+    }
+    return smem, barriers
+
+
+def smem_needed(s: BackwardShape, dtype, specs, want_tables: bool) -> dict:
+    """Bytes of shared memory the dQ and dK/dV kernels take on the GPU, by kernel
+    (`specs`: the score mod's table specs, or None; `want_tables`: its table
+    gradients are wanted)."""
+    gpu = dataclasses.replace(s, interpret=False)
+    n_grads = len(grad_tables(specs, want_tables, DQ_TABLE_KINDS))
+    diagonals = bool(grad_tables(specs, want_tables, DKV_TABLE_KINDS))
+    return {
+        # The dQ kernel reduces (over keys) only for the table gradients' row sums.
+        "dQ": smem_bytes(*_dq_scratch(gpu, dtype, n_grads), n_grads > 0),
+        "dK/dV": smem_bytes(*_dkv_scratch(gpu, dtype, diagonals), False),
+    }
+
+
+def check_fits(s: BackwardShape, dtype, specs, want_tables: bool) -> None:
+    """Declines (`NotImplementedError`) a backward whose dQ or dK/dV kernel exceeds
+    the GPU's shared memory (arguments as for `smem_needed`)."""
+    why = f"D={s.d}, Dv={s.dv}, block_kv={s.block_kv}, num_stages={s.num_stages}"
+    needed = smem_needed(s, dtype, specs, want_tables)
+    check_smem("dQ kernel", needed["dQ"], why)
+    if grad_tables(specs, want_tables, DKV_TABLE_KINDS):
+        why += "; with the shear buffer of a relative-position table's gradient"
+    check_smem("dK/dV kernel", needed["dK/dV"], why)
 
 
 def _log2_scores(tiles, raw, at, fixed, apply_mask: bool, kv_bound):
@@ -131,13 +207,19 @@ def dq_kernel(
     s = shape
     dtype = q.dtype
     bkv, stages = s.block_kv, s.num_stages
-    mq = s.lq_pad // (2 * ROWS)
+    mq = s.lq_pad // PROGRAM_ROWS
     mask_b, mask_h = blocks.shape[:2]
     mods = KernelMods(score_mod, mask_mod, s)
-    grads = _grad_tables(score_mod, want_tables, ("scalar", "q"))
+    specs = None if score_mod is None else score_mod.specs
+    grads = grad_tables(specs, want_tables, DQ_TABLE_KINDS)
     tile = (ROWS, bkv)
-    named = not s.interpret
-    families = [(stages, 2, 1), (stages, 2, 1)]  # K, V slots released
+    named_barriers = NamedBarriers(  # K, V slots released
+        not s.interpret,
+        {
+            "k_released": Handoff(stages, arrivals=CONSUMERS, waiters=1),
+            "v_released": Handoff(stages, arrivals=CONSUMERS, waiters=1),
+        },
+    )
 
     def kernel(
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, blocks_ref, *refs
@@ -145,10 +227,13 @@ def dq_kernel(
         score_tiles, mask_tiles, (dq_ref, *grad_refs, scoped) = mods.tiles(
             refs, tile, "q"
         )
-        smem, barriers, signal_bars = scoped
-        q_smem2, do_smem2, k_smem, v_smem, row_smem2, a_smem2 = smem
-        k_barriers, v_barriers, q_barriers = barriers
-        k_released, v_released = make_signals(named, families, signal_bars)
+        smem = scoped.smem
+        k_smem, v_smem = smem["k"], smem["v"]
+        k_barriers, v_barriers, q_barriers = (
+            scoped.barriers[n] for n in ("k", "v", "q_do")
+        )
+        k_released = scoped.signals["k_released"]
+        v_released = scoped.signals["v_released"]
 
         h = lax.axis_index("heads")
         qi = mq - 1 - lax.axis_index("q")
@@ -159,11 +244,9 @@ def dq_kernel(
         n_full = counts_ref[mb, mh, qi, 0]
         n_all = counts_ref[mb, mh, qi, 1]
 
-        @pl.when(wg < 2)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-            q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
-            q0 = qi * (2 * ROWS) + wg * ROWS
+        def consumer():
+            q_smem, do_smem = smem["q"].at[wg], smem["do"].at[wg]
+            q0 = qi * PROGRAM_ROWS + wg * ROWS
             rows = (b, h, pl.ds(q0, ROWS))
             plgpu.copy_gmem_to_smem(q_ref.at[rows], q_smem, q_barriers.at[2 * wg])
             plgpu.copy_gmem_to_smem(do_ref.at[rows], do_smem, q_barriers.at[2 * wg + 1])
@@ -173,7 +256,7 @@ def dq_kernel(
             mask_fixed = mask_tiles.fixed(b, h, q0)
             plgpu.barrier_wait(q_barriers.at[2 * wg])
             plgpu.barrier_wait(q_barriers.at[2 * wg + 1])
-            a_smem = None if a_smem2 is None else a_smem2.at[wg]
+            a_smem = None if smem["ds"] is None else smem["ds"].at[wg]
 
             dq = plgpu.layout_cast(jnp.zeros((ROWS, s.d), jnp.float32), WG)
             sums = [
@@ -224,15 +307,13 @@ def dq_kernel(
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[rows])
             for j, (ref, acc) in enumerate(zip(grad_refs, sums)):
-                row_smem = row_smem2.at[wg, j]
+                row_smem = smem["row_sums"].at[wg, j]
                 row_smem[...] = acc
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(row_smem, ref.at[rows])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
-        def _producer():
-            plgpu.set_max_registers(40, action="decrease")
+        def producer():
             kvh = lax.div(h, jnp.array(s.groups, h.dtype))
             produce_kv(
                 lambda t: blocks_ref[mb, mh, qi, t],
@@ -246,27 +327,13 @@ def dq_kernel(
             )
             drain(n_all, stages, (k_released, v_released))
 
+        split_warpgroups(wg, consumer, producer)
+
     def entry(*refs):
-        smem = [
-            plgpu.SMEM((2, ROWS, s.d), dtype, transforms=_transforms()),
-            plgpu.SMEM((2, ROWS, s.dv), dtype, transforms=_transforms()),
-            plgpu.SMEM((stages, bkv, s.d), dtype, transforms=_transforms()),
-            plgpu.SMEM((stages, bkv, s.dv), dtype, transforms=_transforms()),
-            plgpu.SMEM((2, max(len(grads), 1), ROWS), jnp.float32),
-            plgpu.SMEM((2, ROWS, bkv), dtype, transforms=_transforms())
-            if s.interpret
-            else None,
-        ]
         run_scoped_warpgroups(
             lambda scoped: kernel(*refs, scoped),
-            smem,
-            (
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=stages),
-                plgpu.Barrier(num_barriers=4),
-            ),
-            named,
-            families,
+            *_dq_scratch(s, dtype, len(grads)),
+            named_barriers,
         )
 
     out_type = [jax.ShapeDtypeStruct((s.b, s.hq, s.lq_pad, s.d), dtype)]
@@ -308,14 +375,18 @@ def dkv_kernel(
     s = shape
     dtype = q.dtype
     stages = s.num_stages
-    nkv = s.lkv_pad // (2 * ROWS)
+    nkv = s.lkv_pad // PROGRAM_ROWS
     mq = s.lq_pad // ROWS
     work_b = work.shape[0]
     mods = KernelMods(score_mod, mask_mod, s)
     tile = (ROWS, ROWS)  # (keys, queries)
-    named = not s.interpret
-    families = [(stages, 2, 1)]  # Q/dO/lse/delta slots released
-    diag_grads = _grad_tables(score_mod, want_tables, ("diag",))
+    specs = None if score_mod is None else score_mod.specs
+    diag_grads = grad_tables(specs, want_tables, DKV_TABLE_KINDS)
+    named_barriers = NamedBarriers(  # Q/dO/lse/delta slots released
+        not s.interpret,
+        {"released": Handoff(stages, arrivals=CONSUMERS, waiters=1)},
+        warpgroup_syncs=True,  # the diagonal sums' shear buffer
+    )
 
     def kernel(
         q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, counts_ref, work_ref, *refs
@@ -323,10 +394,14 @@ def dkv_kernel(
         score_tiles, mask_tiles, (dk_ref, dv_ref, *diag_refs, scoped) = mods.tiles(
             refs, tile, "kv"
         )
-        smem, barriers, signal_bars = scoped
-        (released,) = make_signals(named, families, signal_bars)
-        k_smem2, v_smem2, q_smem, do_smem, lse_smem, dlt_smem, a_smem2, shear2 = smem
-        q_bars, do_bars, lse_bars, dlt_bars, kv_bars = barriers
+        smem = scoped.smem
+        released = scoped.signals["released"]
+        q_smem, do_smem, lse_smem, dlt_smem = (
+            smem[n] for n in ("q", "do", "lse", "delta")
+        )
+        q_bars, do_bars, lse_bars, dlt_bars, kv_bars = (
+            scoped.barriers[n] for n in ("q", "do", "lse", "delta", "k_v")
+        )
 
         kvh = lax.axis_index("heads")
         ki = nkv - 1 - lax.axis_index("kv")
@@ -341,25 +416,24 @@ def dkv_kernel(
             j = lax.div(code, jnp.int32(mq))
             return kvh * s.groups + j, lax.rem(code, jnp.int32(mq))
 
-        @pl.when(wg < 2)
-        def _consumer():
-            plgpu.set_max_registers(232, action="increase")
-            k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
-            kv0 = ki * (2 * ROWS) + wg * ROWS
+        def consumer():
+            k_smem, v_smem = smem["k"].at[wg], smem["v"].at[wg]
+            kv0 = ki * PROGRAM_ROWS + wg * ROWS
             keys = (b, kvh, pl.ds(kv0, ROWS))
             plgpu.copy_gmem_to_smem(k_ref.at[keys], k_smem, kv_bars.at[2 * wg])
             plgpu.copy_gmem_to_smem(v_ref.at[keys], v_smem, kv_bars.at[2 * wg + 1])
             plgpu.barrier_wait(kv_bars.at[2 * wg])
             plgpu.barrier_wait(kv_bars.at[2 * wg + 1])
-            a_smem = lambda i: None if a_smem2 is None else a_smem2.at[wg, i]
+            p_ds = smem["p_ds"]
+            a_smem = lambda i: None if p_ds is None else p_ds.at[wg, i]
             dk = plgpu.layout_cast(jnp.zeros((ROWS, s.d), jnp.float32), WG)
             dv = plgpu.layout_cast(jnp.zeros((ROWS, s.dv), jnp.float32), WG)
             if diag_grads:
-                shear = shear2.at[wg]
+                shear = smem["shear"].at[wg]
                 shear[...] = plgpu.layout_cast(
                     jnp.zeros((ROWS, SHEAR_WIDTH), jnp.float32), WG
                 )
-                sync = warpgroup_sync(named, NAMED_BARRIERS - 2 + wg)
+                sync = named_barriers.warpgroup_sync(wg)
 
             def step(t, carry, *, apply_mask):
                 dk, dv = carry
@@ -425,10 +499,7 @@ def dkv_kernel(
             plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[keys])
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
-        def _producer():
-            plgpu.set_max_registers(40, action="decrease")
-
+        def producer():
             def fetch(t, slot):
                 h, qt = decode(t)
                 rows = (b, h, pl.ds(qt * ROWS, ROWS))
@@ -448,28 +519,13 @@ def dkv_kernel(
             produce(fetch, n_all, stages, (released,))
             drain(n_all, stages, (released,))
 
+        split_warpgroups(wg, consumer, producer)
+
     def entry(*refs):
-        smem = [
-            plgpu.SMEM((2, ROWS, s.d), dtype, transforms=_transforms()),
-            plgpu.SMEM((2, ROWS, s.dv), dtype, transforms=_transforms()),
-            plgpu.SMEM((stages, ROWS, s.d), dtype, transforms=_transforms()),
-            plgpu.SMEM((stages, ROWS, s.dv), dtype, transforms=_transforms()),
-            plgpu.SMEM((stages, ROWS), jnp.float32),
-            plgpu.SMEM((stages, ROWS), jnp.float32),
-            plgpu.SMEM((2, 2, ROWS, ROWS), dtype, transforms=_transforms())
-            if s.interpret
-            else None,
-            plgpu.SMEM((2, ROWS, SHEAR_WIDTH), jnp.float32) if diag_grads else None,
-        ]
         run_scoped_warpgroups(
             lambda scoped: kernel(*refs, scoped),
-            smem,
-            (
-                *(plgpu.Barrier(num_barriers=stages) for _ in range(4)),
-                plgpu.Barrier(num_barriers=4),
-            ),
-            named,
-            families,
+            *_dkv_scratch(s, dtype, bool(diag_grads)),
+            named_barriers,
         )
 
     out_type = (

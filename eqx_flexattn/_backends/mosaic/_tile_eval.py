@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from .._mods import _bind
+from ..._mods import _bind
 
 
 EXACT_F32 = 2**24  # integers of smaller magnitude are exact in float32
