@@ -156,6 +156,24 @@ def test_python_if_in_mod_says_use_where(kind, qkv):
     assert f"{kind} `" in str(info.value) and "Python control flow" in str(info.value)
 
 
+def test_python_if_in_mask_mod_gets_mask_advice():
+    def prefix_or_causal(b, h, q_idx, kv_idx):
+        if kv_idx < 4:
+            return True
+        return q_idx >= kv_idx
+
+    with pytest.raises(TypeError, match="mask_mod `") as info:
+        fa.create_block_mask(prefix_or_causal, None, None, L, L)
+    message = str(info.value)
+    assert "return the condition itself, `q_idx >= kv_idx`" in message
+    assert "score" not in message.split("(JAX:")[0]  # no score-mod advice
+    # The advice, followed, gives the mask a numpy loop gives.
+    fixed = lambda b, h, q_idx, kv_idx: (kv_idx < 4) | (q_idx >= kv_idx)
+    dense = fa.create_mask(fixed, None, None, L, L)[0, 0]
+    want = [[kv < 4 or q >= kv for kv in range(L)] for q in range(L)]
+    np.testing.assert_array_equal(dense, np.array(want))
+
+
 @pytest.mark.parametrize("jit", [False, True])
 def test_forward_mode_matches_reference(jit, qkv, causal):
     q, k, v = qkv
