@@ -241,12 +241,20 @@ except ImportError:  # pragma: no cover - other JAX versions: caught when raised
 
 def _in_forward_mode(problem: AttentionProblem) -> bool:
     """Whether forward-mode autodiff traces this call: a JVP tracer whose tangent is
-    not being partially evaluated (that is reverse mode's older linearization)."""
+    not being partially evaluated (that is reverse mode's older linearization), or
+    `jax.linearize`'s tracer (its linear function runs forwards; `jax.vjp` and
+    `jax.grad` use the same tracer with `is_vjp` set)."""
+    leaves = jax.tree_util.tree_leaves(problem)
+    if _LinearizeTracer is not None and any(
+        isinstance(x, _LinearizeTracer) and getattr(x._trace, "is_vjp", True) is False
+        for x in leaves
+    ):
+        return True
     if _JVPTracer is None:
         return False
     return any(
         isinstance(x, _JVPTracer) and not isinstance(x.tangent, _JaxprTracer)
-        for x in jax.tree_util.tree_leaves(problem)
+        for x in leaves
     )
 
 
@@ -380,10 +388,10 @@ def flex_attention(
     per process.
 
     **Differentiation.** Reverse mode (`jax.grad`, `jax.vjp`) runs the backend's
-    fused backward pass. Forward mode (`jax.jvp`, `jax.jacfwd`) differentiates the
-    `xla` backend's blockwise forward pass (`backend="auto"` or `"xla"`; O(L)
-    memory), or the dense `backend="reference"`; the Pallas kernel backends have no
-    forward-mode rule.
+    fused backward pass. Forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`)
+    differentiates the `xla` backend's blockwise forward pass (`backend="auto"` or
+    `"xla"`; O(L) memory), or the dense `backend="reference"`; the Pallas kernel
+    backends have no forward-mode rule.
     Second derivatives: forward-over-reverse (`jax.hessian`) works everywhere;
     reverse-over-reverse (`jax.grad` of `jax.grad`) only outside `jit`, or with
     `backend="reference"`.
