@@ -498,10 +498,12 @@ def explain_backend(
     Takes the arguments of [`flex_attention`][eqx_flexattn.flex_attention]; `query`,
     `key` and `value` may be `jax.ShapeDtypeStruct`s. Computes nothing.
 
-    **Returns:** lines of text: `backend: NAME` (the one that runs), then
-    `declined: NAME: reason` for each faster backend `auto` tried first, then
-    `other: NAME: ...` for every remaining registered backend: whether it accepts
-    these inputs (and how to select it) or why it declines.
+    **Returns:** lines of text: `backend: NAME` (the one that runs; `backend: none`
+    when `flex_attention` would raise instead: the backend asked for by name, or
+    every backend `auto` tries, declines), then `declined: NAME: reason` for each
+    backend tried first (or asked for), then `other: NAME: ...` for every remaining
+    registered backend: whether it accepts these inputs (and how to select it) or
+    why it declines. Every reason names the backend and what it needs.
 
     !!! Example
 
@@ -518,13 +520,33 @@ def explain_backend(
         problem = _problem(
             q, k, v, score_mod, block_mask, scale, enable_gqa, kernel_options
         )
-        impl, reasons = select_backend(backend, problem)
+        try:
+            impl, reasons = select_backend(backend, problem)
+        except NotImplementedError:  # say why, as for a backend that runs
+            tried = _backends.AUTO_ORDER if backend == "auto" else (backend,)
+            impl, reasons = None, [_declines(n, problem) for n in tried]
         found.append((impl, reasons, _others(problem, impl, reasons)))
 
     jax.eval_shape(choose, query, key, value)
     impl, reasons, others = found[0]
-    lines = [f"backend: {impl.name}"] + [f"declined: {r}" for r in reasons]
+    if impl is None:
+        first = (
+            f"backend: none (flex_attention(..., backend={backend!r}) raises "
+            "NotImplementedError)"
+        )
+    else:
+        first = f"backend: {impl.name}"
+    lines = [first] + [f"declined: {r}" for r in reasons]
     return "\n".join(lines + [f"other: {o}" for o in others])
+
+
+def _declines(name: str, problem) -> str:
+    """`NAME: reason` of a backend that declines `problem`."""
+    try:
+        _backends.BACKENDS[name].check(problem)
+    except NotImplementedError as e:
+        return f"{name}: {e}"
+    raise AssertionError(f"backend {name!r} accepts the problem it declined")
 
 
 def _others(problem, chosen, reasons) -> list[str]:
@@ -532,7 +554,7 @@ def _others(problem, chosen, reasons) -> list[str]:
     declined = {r.split(":", 1)[0] for r in reasons}
     lines = []
     for name, candidate in _backends.BACKENDS.items():
-        if name == chosen.name or name in declined:
+        if (chosen is not None and name == chosen.name) or name in declined:
             continue
         try:
             candidate.check(problem)
@@ -540,7 +562,8 @@ def _others(problem, chosen, reasons) -> list[str]:
             lines.append(f"{name}: declines: {e}")
             continue
         if name in _backends.AUTO_ORDER:
-            how = f"`auto` tries it after {chosen.name!r}"
+            after = "" if chosen is None else f" after {chosen.name!r}"
+            how = f"`auto` tries it{after}"
         else:
             how = "not tried by `auto`"
         lines.append(f"{name}: accepts these inputs; {how} (backend={name!r})")
