@@ -23,6 +23,7 @@ from ._backends._base import accumulator_dtype
 from ._backends._config import normalise_options
 from ._block_mask import BlockMask, full_block_mask
 from ._mods import check_mod_shape, convert_mask_mod, convert_score_mod
+from ._retrace import note_traced_mods
 
 
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
@@ -385,7 +386,9 @@ def flex_attention(
     `jax.jit(fa.flex_attention, static_argnames=("score_mod", "return_lse",
     "enable_gqa", "backend"))` if you prefer `jax.jit`. Run outside any trace, JAX
     executes it op by op (often 10x slower or more): a `UserWarning` says so once
-    per process.
+    per process. A plain-function `score_mod` is static: a new closure per call
+    recompiles per call (a `UserWarning` says so once, at the third such trace);
+    make it an `eqx.Module`, or build it inside the function you jit.
 
     **Differentiation.** Reverse mode (`jax.grad`, `jax.vjp`) runs the backend's
     fused backward pass. Forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`)
@@ -412,6 +415,10 @@ def flex_attention(
     _warn_if_eager()
     problem = _problem(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
+    )
+    note_traced_mods(
+        {"score_mod": score_mod, "mask_mod": problem.block_mask.mask_mod},
+        tuple((x.shape, x.dtype) for x in (problem.q, problem.k, problem.v)),
     )
     impl, _ = select_backend(backend, problem)
     if impl.differentiable:
