@@ -3,7 +3,6 @@ imports, runs and matches a dense computation in every variant."""
 
 import importlib.util
 import pathlib
-
 import re
 import warnings
 

@@ -436,7 +436,9 @@ def test_dense_mask_points_to_mask_mod_and_block_mask(getkey):
         layer(x, x, x, mask=jnp.tril(jnp.ones((5, 5), bool)))
     assert "mask_mod=" in str(info.value) and "block_mask=" in str(info.value)
     # The advised spelling of the same dense mask gives eqx.nn's result.
-    dense = jnp.asarray(np.random.default_rng(0).random((5, 5)) < 0.6).at[:, 0].set(True)
+    dense = (
+        jnp.asarray(np.random.default_rng(0).random((5, 5)) < 0.6).at[:, 0].set(True)
+    )
     mk = getkey()
     ours = MultiheadFlexAttention(2, 8, key=mk)
     theirs = eqx.nn.MultiheadAttention(2, 8, key=mk)

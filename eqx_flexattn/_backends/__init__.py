@@ -8,7 +8,6 @@ import sys
 from typing import ClassVar
 
 import jax
-
 from jaxtyping import Array
 
 from ._base import AbstractBackend, AttentionProblem
