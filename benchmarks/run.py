@@ -22,11 +22,14 @@ JAX's Pallas `mha` and Hopper `attention_mgpu`, and tokamax (mosaic, triton) whe
 each can express the case; whatever cannot run is listed under `skipped` with why.
 Configs and cases: `benchmarks/spec.py`; mods of each framework: `benchmarks/mods.py`.
 
-Outputs in `--out` (default `benchmarks/results`): `latest.json`
+Outputs in `--out`: `latest.json`
 (`{"meta", "records", "skipped"}`, described in `benchmarks/report.py`),
 `latest.md` (tables with each row's time relative to torch flex) and `latest.png`
 (TFLOP/s per case and implementation). They are rewritten after every config, so an
-interrupted run still leaves results.
+interrupted run still leaves results. Without `--out`, a GPU run that is not
+`--quick` writes `benchmarks/results` (the tables the README links); CPU and
+`--quick` runs write `benchmarks/results/local`, which git ignores, so they never
+replace the committed GPU results (pass `--out benchmarks/results` to insist).
 
 A preset with `max_seconds` splits that time between its configs (`shares`); when a
 config's share is spent its remaining measurements are skipped ("time budget").
@@ -107,6 +110,19 @@ RECORD_KEYS = (
 )
 
 
+RESULTS = REPO / "benchmarks" / "results"  # committed: the README links them
+LOCAL_RESULTS = RESULTS / "local"  # in .gitignore
+
+
+def default_out(preset_name: str, platform: str) -> Path:
+    """Where results go without `--out`: the committed `benchmarks/results` only
+    for a GPU run that is not `--quick`; CPU and quick runs go to the ignored
+    `benchmarks/results/local`."""
+    if preset_name == "quick" or platform not in ("gpu", "cuda", "rocm"):
+        return LOCAL_RESULTS
+    return RESULTS
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.run",
@@ -121,7 +137,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--cases", type=csv, help=f"comma-separated, of {list(spec.CASES)}")
     p.add_argument("--impls", type=csv, help="comma-separated names or globs (--list)")
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help=f"default: {RESULTS.relative_to(REPO)} for a GPU run that is not "
+        f"--quick, else {LOCAL_RESULTS.relative_to(REPO)} (ignored by git)",
+    )
     p.add_argument("--iters", type=int, help="timed samples per measurement (max)")
     p.add_argument("--warmup", type=int, help="untimed calls after the first")
     p.add_argument("--timed-seconds", type=float, help="stop timing after this")
@@ -535,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     impls = select_impls(impls_lib.registry(), args.impls)
     unavailable = {i.name: i.unavailable(env) for i in impls}
     meta = build_meta(argv, preset_name, settings, env, unavailable)
+    out = args.out or default_out(preset_name, env.platform)
     results = Results(meta)
     torch_ok = any(
         i.name == report.TORCH and unavailable[i.name] is None for i in impls
@@ -554,12 +576,12 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)  # `timeout`: keep what was measured
     try:
         _run_plan(
-            settings, impls, unavailable, results, console, n_tasks, torch_ok, args.out
+            settings, impls, unavailable, results, console, n_tasks, torch_ok, out
         )
     except KeyboardInterrupt:
         meta.setdefault("notes", []).append("interrupted: the results measured so far")
     meta["elapsed_s"] = round(time.monotonic() - started, 1)
-    paths = report.write_all(results.as_dict(), args.out)
+    paths = report.write_all(results.as_dict(), out)
     report.print_tables(results.as_dict(), console)
     console.print(
         f"{len(results.records)} records, {len(results.skipped)} skipped, "

@@ -23,6 +23,7 @@ from ._backends._base import accumulator_dtype
 from ._backends._config import normalise_options
 from ._block_mask import BlockMask, full_block_mask
 from ._mods import check_mod_shape, convert_mask_mod, convert_score_mod
+from ._retrace import note_traced_mods
 
 
 _DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
@@ -241,12 +242,20 @@ except ImportError:  # pragma: no cover - other JAX versions: caught when raised
 
 def _in_forward_mode(problem: AttentionProblem) -> bool:
     """Whether forward-mode autodiff traces this call: a JVP tracer whose tangent is
-    not being partially evaluated (that is reverse mode's older linearization)."""
+    not being partially evaluated (that is reverse mode's older linearization), or
+    `jax.linearize`'s tracer (its linear function runs forwards; `jax.vjp` and
+    `jax.grad` use the same tracer with `is_vjp` set)."""
+    leaves = jax.tree_util.tree_leaves(problem)
+    if _LinearizeTracer is not None and any(
+        isinstance(x, _LinearizeTracer) and getattr(x._trace, "is_vjp", True) is False
+        for x in leaves
+    ):
+        return True
     if _JVPTracer is None:
         return False
     return any(
         isinstance(x, _JVPTracer) and not isinstance(x.tangent, _JaxprTracer)
-        for x in jax.tree_util.tree_leaves(problem)
+        for x in leaves
     )
 
 
@@ -377,13 +386,15 @@ def flex_attention(
     `jax.jit(fa.flex_attention, static_argnames=("score_mod", "return_lse",
     "enable_gqa", "backend"))` if you prefer `jax.jit`. Run outside any trace, JAX
     executes it op by op (often 10x slower or more): a `UserWarning` says so once
-    per process.
+    per process. A plain-function `score_mod` is static: a new closure per call
+    recompiles per call (a `UserWarning` says so once, at the third such trace);
+    make it an `eqx.Module`, or build it inside the function you jit.
 
     **Differentiation.** Reverse mode (`jax.grad`, `jax.vjp`) runs the backend's
-    fused backward pass. Forward mode (`jax.jvp`, `jax.jacfwd`) differentiates the
-    `xla` backend's blockwise forward pass (`backend="auto"` or `"xla"`; O(L)
-    memory), or the dense `backend="reference"`; the Pallas kernel backends have no
-    forward-mode rule.
+    fused backward pass. Forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`)
+    differentiates the `xla` backend's blockwise forward pass (`backend="auto"` or
+    `"xla"`; O(L) memory), or the dense `backend="reference"`; the Pallas kernel
+    backends have no forward-mode rule.
     Second derivatives: forward-over-reverse (`jax.hessian`) works everywhere;
     reverse-over-reverse (`jax.grad` of `jax.grad`) only outside `jit`, or with
     `backend="reference"`.
@@ -404,6 +415,10 @@ def flex_attention(
     _warn_if_eager()
     problem = _problem(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
+    )
+    note_traced_mods(
+        {"score_mod": score_mod, "mask_mod": problem.block_mask.mask_mod},
+        tuple((x.shape, x.dtype) for x in (problem.q, problem.k, problem.v)),
     )
     impl, _ = select_backend(backend, problem)
     if impl.differentiable:
@@ -490,10 +505,12 @@ def explain_backend(
     Takes the arguments of [`flex_attention`][eqx_flexattn.flex_attention]; `query`,
     `key` and `value` may be `jax.ShapeDtypeStruct`s. Computes nothing.
 
-    **Returns:** lines of text: `backend: NAME` (the one that runs), then
-    `declined: NAME: reason` for each faster backend `auto` tried first, then
-    `other: NAME: ...` for every remaining registered backend: whether it accepts
-    these inputs (and how to select it) or why it declines.
+    **Returns:** lines of text: `backend: NAME` (the one that runs; `backend: none`
+    when `flex_attention` would raise instead: the backend asked for by name, or
+    every backend `auto` tries, declines), then `declined: NAME: reason` for each
+    backend tried first (or asked for), then `other: NAME: ...` for every remaining
+    registered backend: whether it accepts these inputs (and how to select it) or
+    why it declines. Every reason names the backend and what it needs.
 
     !!! Example
 
@@ -510,13 +527,33 @@ def explain_backend(
         problem = _problem(
             q, k, v, score_mod, block_mask, scale, enable_gqa, kernel_options
         )
-        impl, reasons = select_backend(backend, problem)
+        try:
+            impl, reasons = select_backend(backend, problem)
+        except NotImplementedError:  # say why, as for a backend that runs
+            tried = _backends.AUTO_ORDER if backend == "auto" else (backend,)
+            impl, reasons = None, [_declines(n, problem) for n in tried]
         found.append((impl, reasons, _others(problem, impl, reasons)))
 
     jax.eval_shape(choose, query, key, value)
     impl, reasons, others = found[0]
-    lines = [f"backend: {impl.name}"] + [f"declined: {r}" for r in reasons]
+    if impl is None:
+        first = (
+            f"backend: none (flex_attention(..., backend={backend!r}) raises "
+            "NotImplementedError)"
+        )
+    else:
+        first = f"backend: {impl.name}"
+    lines = [first] + [f"declined: {r}" for r in reasons]
     return "\n".join(lines + [f"other: {o}" for o in others])
+
+
+def _declines(name: str, problem) -> str:
+    """`NAME: reason` of a backend that declines `problem`."""
+    try:
+        _backends.BACKENDS[name].check(problem)
+    except NotImplementedError as e:
+        return f"{name}: {e}"
+    raise AssertionError(f"backend {name!r} accepts the problem it declined")
 
 
 def _others(problem, chosen, reasons) -> list[str]:
@@ -524,7 +561,7 @@ def _others(problem, chosen, reasons) -> list[str]:
     declined = {r.split(":", 1)[0] for r in reasons}
     lines = []
     for name, candidate in _backends.BACKENDS.items():
-        if name == chosen.name or name in declined:
+        if (chosen is not None and name == chosen.name) or name in declined:
             continue
         try:
             candidate.check(problem)
@@ -532,7 +569,8 @@ def _others(problem, chosen, reasons) -> list[str]:
             lines.append(f"{name}: declines: {e}")
             continue
         if name in _backends.AUTO_ORDER:
-            how = f"`auto` tries it after {chosen.name!r}"
+            after = "" if chosen is None else f" after {chosen.name!r}"
+            how = f"`auto` tries it{after}"
         else:
             how = "not tried by `auto`"
         lines.append(f"{name}: accepts these inputs; {how} (backend={name!r})")

@@ -126,6 +126,15 @@ class ScalarMod(eqx.Module):
         return jnp.broadcast_to(jnp.vectorize(self.fn)(*score, *idx), shape)
 
 
+# How to write an `if` with array operations, per kind of mod.
+_ADVICE = {
+    "score_mod": "`jnp.where(q_idx >= kv_idx, score, 0.5 * score)` for an `if`",
+    "mask_mod": "return the condition itself, `q_idx >= kv_idx`, for `if q_idx >= "
+    "kv_idx: return True`, and `jnp.where(in_prefix, True, q_idx >= kv_idx)` (or "
+    "`in_prefix | (q_idx >= kv_idx)`) for an `if` choosing between conditions",
+}
+
+
 def _checked(mod: Callable, args: tuple, what: str, signature: str) -> None:
     """Checks that `mod` maps scalar `args` to a scalar bool (mask mods) or float
     (score mods)."""
@@ -138,12 +147,13 @@ def _checked(mod: Callable, args: tuple, what: str, signature: str) -> None:
         jax.errors.TracerIntegerConversionError,
     ) as e:
         raise TypeError(
-            f"{what} `{_name(mod)}` uses the value of an index or score in Python "
-            "control flow (`if`, `and`/`or`, `bool()`, `int()`, a Python loop bound). "
-            "Mods are traced once for whole blocks of indices, so write it with "
-            "array operations instead: `jnp.where(q_idx >= kv_idx, score, -jnp.inf)` "
-            "for an `if`, `&` / `|` for `and` / `or`, `jnp.minimum` / `jnp.maximum` "
-            f"for `min` / `max`. (JAX: {type(e).__name__}: {str(e).splitlines()[0]})"
+            f"{what} `{_name(mod)}` uses the value of an index"
+            + (" or score" if what == "score_mod" else "")
+            + " in Python control flow (`if`, `and`/`or`, `bool()`, `int()`, a Python "
+            "loop bound). Mods are traced once for whole blocks of indices, so write "
+            f"it with array operations instead: {_ADVICE[what]}, `&` / `|` for `and` "
+            "/ `or`, `jnp.minimum` / `jnp.maximum` for `min` / `max`. "
+            f"(JAX: {type(e).__name__}: {str(e).splitlines()[0]})"
         ) from e
     except TypeError as e:
         raise TypeError(

@@ -296,6 +296,7 @@ class MultiheadFlexAttention(eqx.Module):
         block_mask: BlockMask | None = None,
         mask_mod: Callable | None = None,
         key: PRNGKeyArray | None = None,
+        mask: Any = None,
     ) -> Float[Array, "q_seq {self.output_size}"]:
         """**Arguments:**
 
@@ -312,12 +313,24 @@ class MultiheadFlexAttention(eqx.Module):
             (Keyword only argument.)
         - `key`: ignored; for compatibility with the rest of the Equinox API.
             (Keyword only argument.)
+        - `mask`: not taken: `eqx.nn.MultiheadAttention`'s dense `(q_seq, kv_seq)`
+            bool mask is a `mask_mod` or a `block_mask` here; passing one raises a
+            `TypeError` that says so.
 
         With neither `block_mask` nor `mask_mod`, every query attends to every key.
 
         **Returns:** an array of shape `(q_seq, output_size)`.
         """
         del key
+        if mask is not None:
+            raise TypeError(
+                "MultiheadFlexAttention takes no dense `mask` (the `(q_seq, kv_seq)` "
+                "bool array of `eqx.nn.MultiheadAttention`): pass `mask_mod=` (a "
+                "function `mask_mod(b, h, q_idx, kv_idx) -> bool`, e.g. "
+                "`fa.masks.causal_mask`; for an existing array `m`, `mask_mod=lambda "
+                "b, h, q_idx, kv_idx: m[q_idx, kv_idx]`) or `block_mask=` (from "
+                "`fa.create_block_mask`, shared between layers and calls)."
+            )
         self._check_shapes(query, key_, value)
         if block_mask is not None and mask_mod is not None:
             raise ValueError("Pass `block_mask` or `mask_mod`, not both.")

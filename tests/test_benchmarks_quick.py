@@ -76,6 +76,20 @@ def test_quick_run_writes_all_outputs(tmp_path):
     assert (tmp_path / "latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_cpu_and_quick_runs_leave_the_committed_results_alone():
+    from benchmarks import run
+
+    committed = REPO / "benchmarks" / "results"
+    assert run.parse_args(["--quick"]).out is None  # no fixed default
+    for preset, platform in (("quick", "gpu"), ("full", "cpu"), ("quick", "cpu")):
+        out = run.default_out(preset, platform)
+        assert out != committed and out.is_relative_to(committed), (preset, platform)
+        ignored = (REPO / ".gitignore").read_text().splitlines()
+        assert f"{out.relative_to(REPO).as_posix()}/" in ignored
+    assert run.default_out("gpu-session", "gpu") == committed
+    assert run.parse_args(["--quick", "--out", "x"]).out == Path("x")
+
+
 CHECKED_CONFIGS = [
     spec.CONFIGS["tiny"],
     spec.CONFIGS["tiny-decode"],

@@ -181,6 +181,24 @@ def test_sparsity_getitem_repr():
     assert text.splitlines()[2:6] == ["░░", "██░░", "████░░", "██████░░"]
 
 
+@pytest.mark.parametrize("x64", [True, False])
+@pytest.mark.parametrize("computed", [1, 3, 4])
+def test_sparsity_is_the_exact_percentage(computed, x64):
+    # One query block row of 5 key blocks, `computed` of them attended: the skipped
+    # share is (5 - computed) / 5, which a float mean rounds (19.999999999999996 in
+    # float64, 40.000003814697266 in float32).
+    mask = lambda b, h, q_idx, kv_idx: kv_idx < 16 * computed
+    with jax.enable_x64(x64):
+        bm = fa.create_block_mask(mask, None, None, 16, 80, block_size=16)
+        value = bm.sparsity()
+        traced = jax.jit(lambda bm: bm.sparsity())(bm)
+    assert np.asarray(bm.to_dense()).sum() == computed  # the oracle's premise
+    assert type(value) is float
+    assert value == 100 * (5 - computed) / 5
+    assert repr(value) == f"{20.0 * (5 - computed)}"  # "80.0", "40.0", "20.0"
+    assert float(traced) == pytest.approx(value, rel=1e-6)
+
+
 def test_repr_downsamples_large_masks():
     bm = fa.create_block_mask(masks.causal_mask, None, None, 8192, 8192, block_size=64)
     lines = repr(bm).splitlines()

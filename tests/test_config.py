@@ -5,6 +5,7 @@ import sys
 import types
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -165,17 +166,20 @@ def test_unimportable_backend_declines(monkeypatch, getkey):
 
     q, k, v = random_qkv(getkey(), 1, 1, 1, 8, 8, 4)
     lines = fa.explain_backend(q, k, v).splitlines()
+    here = f"with jax {jax.__version__} on Python {sys.version_info[0]}." + str(
+        sys.version_info[1]
+    )
     assert lines[:3] == [
         "backend: xla",
-        "declined: missing: the 'missing' backend is unavailable: "
-        "ModuleNotFoundError: No module named 'eqx_flexattn_test_missing_module'",
-        "declined: broken: the 'broken' backend is unavailable: AttributeError: "
-        "module 'jax.experimental.pallas' has no 'mosaic_gpu'",
+        f"declined: missing: the 'missing' backend is unavailable {here} "
+        "(ModuleNotFoundError: No module named 'eqx_flexattn_test_missing_module')",
+        f"declined: broken: the 'broken' backend is unavailable {here} "
+        "(AttributeError: module 'jax.experimental.pallas' has no 'mosaic_gpu')",
     ]
     assert all(line.startswith("other: ") for line in lines[3:])  # the rest
     with pytest.raises(NotImplementedError, match="'broken' backend is unavailable"):
         fa.flex_attention(q, k, v, backend="broken")
-    assert "unavailable: AttributeError" in decline_reason("broken")
+    assert "(AttributeError: module" in decline_reason("broken")
     params = {p.id: p for p in backend_params()}
     assert params["broken"].marks[0].kwargs["reason"].startswith("broken: the ")
     assert not params["xla"].marks
@@ -188,3 +192,65 @@ def jax_key():
     import jax
 
     return jax.random.key(0)
+
+
+def test_unavailable_mosaic_says_what_it_needs(monkeypatch, getkey):
+    """On Python 3.11 pip gives jax 0.10, which has no Mosaic GPU kernels: the reason
+    names the backend, the versions found, and what it needs, GPU included."""
+    old_jax = types.ModuleType("eqx_flexattn_test_old_jax_mosaic")
+
+    def __getattr__(attr):
+        raise ImportError("the Mosaic GPU kernels need jax >= 0.11, this is jax 0.10.2")
+
+    old_jax.__getattr__ = __getattr__
+    monkeypatch.setitem(sys.modules, "eqx_flexattn_test_old_jax_mosaic", old_jax)
+    monkeypatch.setattr(_backends, "BACKENDS", dict(_backends.BACKENDS))
+    monkeypatch.setattr(_backends, "NEEDS", dict(_backends.NEEDS))
+    monkeypatch.setattr(_backends, "AUTO_ORDER", ())
+    needs = _backends.NEEDS["mosaic"]
+    _backends.register("mosaic", "eqx_flexattn_test_old_jax_mosaic", "X", needs=needs)
+    _backends.register("xla", ".xla", "XlaBackend")
+    assert "NVIDIA Hopper (sm90)" in needs and "Python >= 3.12" in needs
+
+    q, k, v = random_qkv(getkey(), 1, 1, 1, 8, 8, 4)
+    for backend in ("auto", "mosaic"):
+        lines = fa.explain_backend(q, k, v, backend=backend).splitlines()
+        (mosaic,) = [line for line in lines if line.startswith("declined: mosaic: ")]
+        assert "this is jax 0.10.2" in mosaic and f"it needs {needs}" in mosaic
+        assert f"Python {sys.version_info[0]}.{sys.version_info[1]}" in mosaic
+    assert lines[0] == (
+        "backend: none (flex_attention(..., backend='mosaic') raises "
+        "NotImplementedError)"
+    )
+    assert "other: xla: accepts these inputs" in lines[2]
+    with pytest.raises(NotImplementedError) as info:
+        fa.flex_attention(q, k, v, backend="mosaic")
+    message = str(info.value)
+    assert message.startswith("backend='mosaic' can't run this call: the 'mosaic'")
+    assert message.count(needs) == 1 and "backend='auto'" in message
+
+
+def test_explicit_backend_decline_names_backend_and_needs(monkeypatch, getkey):
+    class GpuOnly(_backends.XlaBackend):
+        name = "gpu_only"
+
+        def check(self, problem):
+            raise NotImplementedError("it needs a GPU; JAX runs on cpu.")
+
+    monkeypatch.setitem(_backends.BACKENDS, "gpu_only", GpuOnly())
+    monkeypatch.setitem(_backends.NEEDS, "gpu_only", "a GPU and jax >= 9")
+    q, k, v = random_qkv(getkey(), 1, 1, 1, 8, 8, 4)
+    lines = fa.explain_backend(q, k, v, backend="gpu_only").splitlines()
+    assert lines[:2] == [
+        "backend: none (flex_attention(..., backend='gpu_only') raises "
+        "NotImplementedError)",
+        "declined: gpu_only: it needs a GPU; JAX runs on cpu.",
+    ]
+    others = {line.split(": ")[1] for line in lines[2:]}
+    assert others == set(_backends.BACKENDS) - {"gpu_only"}
+    with pytest.raises(NotImplementedError) as info:
+        fa.flex_attention(q, k, v, backend="gpu_only")
+    assert str(info.value).startswith(
+        "backend='gpu_only' can't run this call: it needs a GPU; JAX runs on cpu. "
+        "The 'gpu_only' backend needs a GPU and jax >= 9. "
+    )

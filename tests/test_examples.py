@@ -3,15 +3,18 @@ imports, runs and matches a dense computation in every variant."""
 
 import importlib.util
 import pathlib
+import re
+import warnings
 
 import jax
 import pytest
 
 import eqx_flexattn as fa
-from eqx_flexattn import masks
+from eqx_flexattn import _attention, masks
 
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "from_pytorch.py"
+QUICKSTART = EXAMPLE.parent / "quickstart.py"
 
 
 def load(path):
@@ -50,3 +53,19 @@ def test_combined_masks_take_a_name_as_attention_gym_gives_them():
         mask.op = "or"
     block_mask = fa.create_block_mask(mask, None, None, 8, 8, block_size=4)
     assert repr(block_mask.mask_mod) == "sliding_window_64"
+
+
+def test_quickstart_shows_the_compiled_way_and_matches_the_reference(
+    capsys, monkeypatch
+):
+    # A first run must not trigger the library's own "ran eagerly" warning (nor any
+    # other): the quickstart compiles every flex_attention call it makes.
+    monkeypatch.setattr(_attention, "_warned_eager", False)
+    with warnings.catch_warnings(), jax.enable_x64(False):  # a user's defaults
+        warnings.simplefilter("error")
+        load(QUICKSTART).main(1, 2, 96, 80, 16)
+    assert not _attention._warned_eager
+    out = capsys.readouterr().out
+    diffs = re.findall(r"max \|(?:output|grad) - reference\|: (\S+)", out)
+    assert len(diffs) == 2 and all(float(d) < 1e-5 for d in diffs), out
+    assert "d loss / d slopes:" in out and "backend: xla" in out

@@ -429,6 +429,28 @@ def test_errors(getkey):
         )
 
 
+def test_dense_mask_points_to_mask_mod_and_block_mask(getkey):
+    layer = MultiheadFlexAttention(2, 8, key=getkey())
+    x = jnp.ones((5, 8))
+    with pytest.raises(TypeError, match="takes no dense `mask`") as info:
+        layer(x, x, x, mask=jnp.tril(jnp.ones((5, 5), bool)))
+    assert "mask_mod=" in str(info.value) and "block_mask=" in str(info.value)
+    # The advised spelling of the same dense mask gives eqx.nn's result.
+    dense = (
+        jnp.asarray(np.random.default_rng(0).random((5, 5)) < 0.6).at[:, 0].set(True)
+    )
+    mk = getkey()
+    ours = MultiheadFlexAttention(2, 8, key=mk)
+    theirs = eqx.nn.MultiheadAttention(2, 8, key=mk)
+    y = jax.random.normal(getkey(), (5, 8))
+    np.testing.assert_allclose(
+        ours(y, y, y, mask_mod=lambda b, h, q_idx, kv_idx: dense[q_idx, kv_idx]),
+        theirs(y, y, y, mask=dense),
+        rtol=1e-10,
+        atol=1e-10,
+    )
+
+
 def test_shape_errors_without_typechecker(getkey):
     """Without the jaxtyping hook the layer's own checks raise ValueErrors."""
     layer = MultiheadFlexAttention(2, 8, key=getkey())

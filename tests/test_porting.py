@@ -156,16 +156,41 @@ def test_python_if_in_mod_says_use_where(kind, qkv):
     assert f"{kind} `" in str(info.value) and "Python control flow" in str(info.value)
 
 
+def test_python_if_in_mask_mod_gets_mask_advice():
+    def prefix_or_causal(b, h, q_idx, kv_idx):
+        if kv_idx < 4:
+            return True
+        return q_idx >= kv_idx
+
+    with pytest.raises(TypeError, match="mask_mod `") as info:
+        fa.create_block_mask(prefix_or_causal, None, None, L, L)
+    message = str(info.value)
+    assert "return the condition itself, `q_idx >= kv_idx`" in message
+    assert "score" not in message.split("(JAX:")[0]  # no score-mod advice
+    # The advice, followed, gives the mask a numpy loop gives.
+    fixed = lambda b, h, q_idx, kv_idx: (kv_idx < 4) | (q_idx >= kv_idx)
+    dense = fa.create_mask(fixed, None, None, L, L)[0, 0]
+    want = [[kv < 4 or q >= kv for kv in range(L)] for q in range(L)]
+    np.testing.assert_array_equal(dense, np.array(want))
+
+
+def _linearized(f, primals, tangents):
+    out, lin = jax.linearize(f, *primals)
+    return out, lin(*tangents)
+
+
+@pytest.mark.parametrize("mode", ["jvp", "linearize"])
 @pytest.mark.parametrize("jit", [False, True])
-def test_forward_mode_matches_reference(jit, qkv, causal):
+def test_forward_mode_matches_reference(jit, mode, qkv, causal):
     q, k, v = qkv
     tangents = random_qkv(jax.random.key(4), B, HQ, HKV, L, L, D)
+    forward = jax.jvp if mode == "jvp" else _linearized
 
     def jvp(backend):
         f = lambda q, k, v: fa.flex_attention(
             q, k, v, plain_mod, causal, enable_gqa=True, backend=backend
         )
-        run = lambda: jax.jvp(f, qkv, tangents)
+        run = lambda: forward(f, qkv, tangents)
         return jax.jit(run)() if jit else run()
 
     with warnings.catch_warnings():
@@ -175,7 +200,8 @@ def test_forward_mode_matches_reference(jit, qkv, causal):
         np.testing.assert_allclose(g, w, atol=1e-12)
 
 
-def test_forward_mode_error_names_what_works(qkv, monkeypatch):
+@pytest.mark.parametrize("mode", ["jvp", "linearize"])
+def test_forward_mode_error_names_what_works(mode, qkv, monkeypatch):
     from eqx_flexattn import _backends
 
     class Kernel(_backends.XlaBackend):  # a backend with only a reverse-mode rule
@@ -183,12 +209,25 @@ def test_forward_mode_error_names_what_works(qkv, monkeypatch):
 
     monkeypatch.setitem(_backends.BACKENDS, "kernel", Kernel())
     f = lambda q: fa.flex_attention(q, *qkv[1:], enable_gqa=True, backend="kernel")
+    forward = jax.jvp if mode == "jvp" else _linearized
     with pytest.raises(TypeError, match="backend='kernel'.*backend='reference'"):
-        jax.jvp(
-            f,
-            (qkv[0],),
-            (qkv[0],),
-        )
+        forward(f, (qkv[0],), (qkv[0],))
+
+
+def test_reverse_mode_keeps_the_fused_backward(qkv, monkeypatch):
+    # jax.vjp and jax.grad trace with jax.linearize's tracer too: they must still
+    # run the backend's fused backward pass, not differentiate its loops.
+    from eqx_flexattn._backends import XlaBackend
+
+    calls = []
+    backward = XlaBackend.backward
+    spy = lambda self, *args: calls.append(1) or backward(self, *args)
+    monkeypatch.setattr(XlaBackend, "backward", spy)
+    f = lambda q: fa.flex_attention(q, *qkv[1:], enable_gqa=True, backend="xla")
+    dout = jnp.ones(qkv[0].shape, qkv[0].dtype)
+    jax.make_jaxpr(lambda q: jax.vjp(f, q)[1](dout))(qkv[0])
+    jax.make_jaxpr(jax.grad(lambda q: f(q).sum()))(qkv[0])
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("backend", ["xla", "reference"])
