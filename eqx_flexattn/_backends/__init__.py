@@ -63,7 +63,7 @@ def register(name: str, module: str, attr: str, *, auto: bool = True) -> None:
 
 # One line per backend, fastest first.
 register("mosaic", ".mosaic", "MosaicBackend")  # NVIDIA sm90+
-# register("triton", ".triton", "TritonBackend")  # other NVIDIA GPUs
+register("triton", ".triton", "TritonBackend")  # NVIDIA sm80+; sm90+ float32
 register("xla", ".xla", "XlaBackend")
 register("reference", ".reference", "ReferenceBackend", auto=False)
 

@@ -1,0 +1,410 @@
+"""The Pallas kernels of the `triton` backend (lowered through Triton on GPUs).
+
+Three kernels, each one program per tile, all on scores laid out `(query rows, key
+columns)`:
+
+- forward: one program per (query tile, query head, batch) walks its key blocks,
+    full ones first (mask mod skipped), then partial ones (mask mod applied), with
+    the shared online softmax of `_tiles` in base 2;
+- dQ: the same walk, recomputing `P` from the forward's log-sum-exp, accumulating
+    `dQ` and, for score-mod tables read per program or per query row, the rows' sums
+    of the tables' cotangents (partials for `_reduce.reduce_table_grads`);
+- dK/dV: one program per (key tile, key/value head, batch) walks, for each query
+    head of its group in turn, the query blocks of its key block (the BlockMask's
+    transposed lists): GQA without copies of K and V, no atomics.
+
+Mods are `_mods.KernelMod`s: their tables are loaded per program ("scalar"), per
+row ("q"), per column ("kv") or as a Toeplitz tile ("diag", a gather of the table's
+entries); the rest of the mod is elementwise code traced into the kernel.
+"""
+
+from __future__ import annotations
+
+import functools as ft
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from ..._mods import diag_index, KernelMod
+from .._tiles import clamped, LN_2, LOG2_E, masked, score_gradient, softmax_finish
+from .._tiles import softmax_step
+
+
+class Tiles(NamedTuple):
+    """The static launch of one kernel: tile sizes, warps, pipeline stages."""
+
+    block_q: int
+    block_kv: int
+    num_warps: int
+    num_stages: int
+
+
+class Static(NamedTuple):
+    """Everything static about one problem, as the kernels see it."""
+
+    b: int
+    hq: int
+    hkv: int
+    lq: int  # true lengths (mods see positions clamped to them)
+    lkv: int
+    lq_pad: int  # lengths padded to the tiles
+    lkv_pad: int
+    d: int  # head dims padded to powers of two
+    dv: int
+    scale: float
+    precision: object  # of the float32 matmuls (None: inputs' own precision)
+    interpret: bool
+    mask_batch: bool  # the BlockMask has a batch (head) axis
+    mask_head: bool
+
+    @property
+    def groups(self) -> int:
+        return self.hq // self.hkv
+
+
+def _dot(a, b, static: Static, *, trans_a=False, trans_b=False):
+    """A matmul of two tiles, accumulated in float32."""
+    precision = static.precision if a.dtype == jnp.float32 else None
+    return plt.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+
+
+class _TileMod:
+    """One `KernelMod` on the `(R, C)` tiles of a program: loads its tables'
+    values for the tile and evaluates the mod (or its VJP) elementwise."""
+
+    def __init__(self, mod: KernelMod | None, refs, static: Static):
+        self.mod = mod
+        self.refs = refs
+        self.static = static
+
+    def values(self, b, h, q, kv):
+        """The tables' values on the tile with row positions `q (R, 1)` and column
+        positions `kv (1, C)` (padded positions included), broadcast to `(R, C)`."""
+        out = []
+        shape = (q.shape[0], kv.shape[1])
+        for spec, ref in zip(self.mod.specs, self.refs):
+            bt = b if spec.batch else 0
+            ht = h if spec.head else 0
+            if spec.kind == "scalar":
+                x = ref[bt, ht]
+            elif spec.kind == "q":
+                x = ref[bt, ht, pl.ds(q[0, 0], q.shape[0])][:, None]
+            elif spec.kind == "kv":
+                x = ref[bt, ht, pl.ds(kv[0, 0], kv.shape[1])][None, :]
+            else:  # "diag": a gather of the Toeplitz tile
+                x = ref[bt, ht, diag_index(q, kv, self.static.lq_pad)]
+            out.append(jnp.broadcast_to(x, shape))
+        return out
+
+    def __call__(self, *args, values):
+        return self.mod.apply_tile(*args, *values)
+
+
+def _positions(q0, k0, rows, cols):
+    q = q0 + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
+    kv = k0 + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
+    return q, kv
+
+
+def _index_args(b, h, q, kv, static: Static, shape):
+    """The (b, h, q_idx, kv_idx) a mod sees on a tile: positions past the sequence
+    clamped, everything broadcast to the tile."""
+    qi = jnp.broadcast_to(clamped(q, static.lq), shape)
+    ki = jnp.broadcast_to(clamped(kv, static.lkv), shape)
+    return (jnp.full(shape, b, jnp.int32), jnp.full(shape, h, jnp.int32), qi, ki)
+
+
+def _keep(mask: _TileMod, b, h, q, kv, static: Static, shape, apply_mask: bool):
+    """Which elements of a tile attend (None: all): the mask mod on partial
+    blocks, and the key padding of a ragged last key block on every block."""
+    keep = None
+    if apply_mask:
+        idx = _index_args(b, h, q, kv, static, shape)
+        keep = mask(*idx, values=mask.values(b, h, q, kv))
+    if static.lkv_pad != static.lkv:
+        inside = jnp.broadcast_to(kv < static.lkv, shape)
+        keep = inside if keep is None else keep & inside
+    return keep
+
+
+def _scores(q, k, score: _TileMod, b, h, qpos, kvpos, static: Static):
+    """Scaled, score-modded scores of a tile (float32), and the tile's values of
+    the score mod's tables (for its VJP)."""
+    s = _dot(q, k, static, trans_b=True) * static.scale
+    values = ()
+    if score.mod is not None:
+        idx = _index_args(b, h, qpos, kvpos, static, s.shape)
+        values = score.values(b, h, qpos, kvpos)
+        s = score(s, *idx, values=values).astype(jnp.float32)
+    return s, values
+
+
+def _split_refs(refs, score: KernelMod | None, mask: KernelMod):
+    n_score = len(score.specs) if score is not None else 0
+    n_mask = len(mask.specs)
+    score_refs = refs[:n_score]
+    mask_refs = refs[n_score : n_score + n_mask]
+    return score_refs, mask_refs, refs[n_score + n_mask :]
+
+
+def _list_loops(n_full, n_all, body, carry):
+    """`body(j, carry, apply_mask)` over a block list: full blocks, then partial."""
+    carry = lax.fori_loop(0, n_full, ft.partial(body, apply_mask=False), carry)
+    return lax.fori_loop(n_full, n_all, ft.partial(body, apply_mask=True), carry)
+
+
+# --- forward -------------------------------------------------------------------------
+
+
+def _forward_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, *refs, static,
+                    tiles, score, mask):
+    score_refs, mask_refs, (o_ref, lse_ref) = _split_refs(refs, score, mask)
+    score_t = _TileMod(score, score_refs, static)
+    mask_t = _TileMod(mask, mask_refs, static)
+    bq, bkv = tiles.block_q, tiles.block_kv
+    i, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    hk = h // static.groups
+    mb = b if static.mask_batch else 0
+    mh = h if static.mask_head else 0
+    q0 = i * bq
+    q = q_ref[b, h, pl.ds(q0, bq), :]
+    n_full = counts_ref[mb, mh, i, 0]
+    n_all = counts_ref[mb, mh, i, 1]
+
+    def body(j, carry, apply_mask):
+        acc, m, l = carry
+        k0 = blocks_ref[mb, mh, i, j] * bkv
+        k = k_ref[b, hk, pl.ds(k0, bkv), :]
+        v = v_ref[b, hk, pl.ds(k0, bkv), :]
+        qpos, kvpos = _positions(q0, k0, bq, bkv)
+        s, _ = _scores(q, k, score_t, b, h, qpos, kvpos, static)
+        s = s * LOG2_E
+        keep = _keep(mask_t, b, h, qpos, kvpos, static, s.shape, apply_mask)
+        if keep is not None:
+            s = masked(s, keep)
+        m_new, alpha, p = softmax_step(m, s, jnp.exp2)
+        l = l * alpha + jnp.sum(p, axis=1)
+        acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, static)
+        return acc, m_new, l
+
+    carry = (
+        jnp.zeros((bq, static.dv), jnp.float32),
+        jnp.full((bq,), -jnp.inf, jnp.float32),
+        jnp.zeros((bq,), jnp.float32),
+    )
+    acc, m, l = _list_loops(n_full, n_all, body, carry)
+    out, lse2 = softmax_finish(acc, l, m, jnp.log2)
+    o_ref[b, h, pl.ds(q0, bq), :] = out.astype(o_ref.dtype)
+    lse_ref[b, h, pl.ds(q0, bq)] = lse2 * LN_2
+
+
+def _compiler_params(tiles: Tiles, static: Static):
+    if static.interpret:
+        return None
+    return plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+
+
+def _call(kernel, grid, out_shape, static, tiles, *args, name):
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[pl.no_block_spec] * len(args),
+        out_specs=[pl.no_block_spec] * len(out_shape),
+        out_shape=out_shape,
+        compiler_params=_compiler_params(tiles, static),
+        interpret=static.interpret,
+        name=name,
+    )(*args)
+
+
+def forward(static: Static, tiles: Tiles, q, k, v, counts, blocks, score, mask):
+    """`(out (B, Hq, Lq_pad, Dv_pad), lse (B, Hq, Lq_pad))` from padded inputs and
+    the forward block lists `counts (B|1, H|1, Mq, 2)` (full, all) and `blocks
+    (B|1, H|1, Mq, N)` (full first), at the kernel's tiles."""
+    tables = (score.tables if score is not None else ()) + mask.tables
+    kernel = ft.partial(
+        _forward_kernel, static=static, tiles=tiles, score=_static(score),
+        mask=_static(mask),
+    )
+    grid = (static.lq_pad // tiles.block_q, static.hq, static.b)
+    out_shape = (
+        jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad, static.dv), q.dtype),
+        jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad), jnp.float32),
+    )
+    return _call(
+        kernel, grid, out_shape, static, tiles, counts, blocks, q, k, v, *tables,
+        name="flex_fwd",
+    )
+
+
+def _static(mod: KernelMod | None) -> KernelMod | None:
+    """The mod without its tables (the kernel reads them from refs)."""
+    return None if mod is None else KernelMod((), mod.split, mod.name)
+
+
+# --- backward ------------------------------------------------------------------------
+
+
+def _tile_grads(q, k, v, do, lse2, delta, score_t, mask_t, b, h, qpos, kvpos, static,
+                apply_mask, want_values):
+    """A tile's `P`, `dS` (before the score mod: the gradient of `q kᵀ * scale`),
+    and, if `want_values`, the cotangents of the score mod's table values."""
+    s_mod = lambda s, *vals: score_t(s, *idx, values=vals).astype(jnp.float32)
+    raw = _dot(q, k, static, trans_b=True) * static.scale
+    if score_t.mod is not None:
+        idx = _index_args(b, h, qpos, kvpos, static, raw.shape)
+        values = score_t.values(b, h, qpos, kvpos)
+        s, vjp = jax.vjp(s_mod, raw, *values)
+    else:
+        s = raw
+    keep = _keep(mask_t, b, h, qpos, kvpos, static, s.shape, apply_mask)
+    p = jnp.exp2(s * LOG2_E - lse2[:, None])
+    if keep is not None:
+        p = jnp.where(keep, p, 0.0)
+    dp = _dot(do, v, static, trans_b=True)
+    ds = score_gradient(p, dp, delta)
+    dvalues = ()
+    if score_t.mod is not None:
+        ds, *dvalues = vjp(ds)
+        if not want_values:
+            dvalues = ()
+    return p, ds, dvalues
+
+
+def _dq_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
+               *refs, static, tiles, score, mask, learnt):
+    score_refs, mask_refs, (dq_ref, *row_refs) = _split_refs(refs, score, mask)
+    score_t = _TileMod(score, score_refs, static)
+    mask_t = _TileMod(mask, mask_refs, static)
+    bq, bkv = tiles.block_q, tiles.block_kv
+    i, h, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    hk = h // static.groups
+    mb = b if static.mask_batch else 0
+    mh = h if static.mask_head else 0
+    q0 = i * bq
+    rows = pl.ds(q0, bq)
+    q = q_ref[b, h, rows, :]
+    do = do_ref[b, h, rows, :]
+    lse2 = lse_ref[b, h, rows]
+    delta = delta_ref[b, h, rows]
+    n_full = counts_ref[mb, mh, i, 0]
+    n_all = counts_ref[mb, mh, i, 1]
+
+    def body(j, carry, apply_mask):
+        dq, sums = carry
+        k0 = blocks_ref[mb, mh, i, j] * bkv
+        k = k_ref[b, hk, pl.ds(k0, bkv), :]
+        v = v_ref[b, hk, pl.ds(k0, bkv), :]
+        qpos, kvpos = _positions(q0, k0, bq, bkv)
+        _, ds, dvalues = _tile_grads(
+            q, k, v, do, lse2, delta, score_t, mask_t, b, h, qpos, kvpos, static,
+            apply_mask, bool(learnt),
+        )
+        dq = dq + _dot(ds.astype(k.dtype), k, static)
+        sums = tuple(
+            acc + jnp.sum(dvalues[t], axis=1) for acc, t in zip(sums, learnt)
+        )
+        return dq, sums
+
+    carry = (
+        jnp.zeros((bq, static.d), jnp.float32),
+        tuple(jnp.zeros((bq,), jnp.float32) for _ in learnt),
+    )
+    dq, sums = _list_loops(n_full, n_all, body, carry)
+    dq_ref[b, h, rows, :] = (dq * static.scale).astype(dq_ref.dtype)
+    for ref, x in zip(row_refs, sums):
+        ref[b, h, rows] = x
+
+
+def dq(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask, learnt):
+    """`dQ (B, Hq, Lq_pad, D_pad)` and, for each score-mod table `learnt[t]` (its
+    index in `score.specs`), the per-query-row sums `(B, Hq, Lq_pad)` of its values'
+    cotangents. `lse2` is the log-sum-exp in base 2, `+inf` for fully masked rows;
+    `delta = rowsum(dO * O) - dlse`."""
+    tables = (score.tables if score is not None else ()) + mask.tables
+    kernel = ft.partial(
+        _dq_kernel, static=static, tiles=tiles, score=_static(score),
+        mask=_static(mask), learnt=tuple(learnt),
+    )
+    grid = (static.lq_pad // tiles.block_q, static.hq, static.b)
+    rows = jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad), jnp.float32)
+    out_shape = (
+        jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad, static.d), q.dtype),
+        *(rows for _ in learnt),
+    )
+    dq_, *sums = _call(
+        kernel, grid, out_shape, static, tiles, counts, blocks, q, k, v, do, lse2,
+        delta, *tables, name="flex_bwd_dq",
+    )
+    return dq_, sums
+
+
+def _dkv_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
+                delta_ref, *refs, static, tiles, score, mask):
+    score_refs, mask_refs, (dk_ref, dv_ref) = _split_refs(refs, score, mask)
+    score_t = _TileMod(score, score_refs, static)
+    mask_t = _TileMod(mask, mask_refs, static)
+    bq, bkv = tiles.block_q, tiles.block_kv
+    n, hk, b = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    mb = b if static.mask_batch else 0
+    k0 = n * bkv
+    cols = pl.ds(k0, bkv)
+    k = k_ref[b, hk, cols, :]
+    v = v_ref[b, hk, cols, :]
+
+    def head(g, carry):
+        h = hk * static.groups + g
+        mh = h if static.mask_head else 0
+
+        def body(j, carry, apply_mask):
+            dk, dv = carry
+            q0 = blocks_ref[mb, mh, n, j] * bq
+            rows = pl.ds(q0, bq)
+            q = q_ref[b, h, rows, :]
+            do = do_ref[b, h, rows, :]
+            lse2 = lse_ref[b, h, rows]
+            delta = delta_ref[b, h, rows]
+            qpos, kvpos = _positions(q0, k0, bq, bkv)
+            p, ds, _ = _tile_grads(
+                q, k, v, do, lse2, delta, score_t, mask_t, b, h, qpos, kvpos,
+                static, apply_mask, False,
+            )
+            dv = dv + _dot(p.astype(do.dtype), do, static, trans_a=True)
+            dk = dk + _dot(ds.astype(q.dtype), q, static, trans_a=True)
+            return dk, dv
+
+        n_full = counts_ref[mb, mh, n, 0]
+        n_all = counts_ref[mb, mh, n, 1]
+        return _list_loops(n_full, n_all, body, carry)
+
+    carry = (
+        jnp.zeros((bkv, static.d), jnp.float32),
+        jnp.zeros((bkv, static.dv), jnp.float32),
+    )
+    dk, dv = lax.fori_loop(0, static.groups, head, carry)
+    dk_ref[b, hk, cols, :] = (dk * static.scale).astype(dk_ref.dtype)
+    dv_ref[b, hk, cols, :] = dv.astype(dv_ref.dtype)
+
+
+def dkv(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask):
+    """`(dK, dV)` (padded like `k`, `v`) from the transposed block lists `counts
+    (B|1, H|1, Nkv, 2)` and `blocks (B|1, H|1, Nkv, M)` (query blocks of each key
+    block, full first) at the kernel's tiles."""
+    tables = (score.tables if score is not None else ()) + mask.tables
+    kernel = ft.partial(
+        _dkv_kernel, static=static, tiles=tiles, score=_static(score),
+        mask=_static(mask),
+    )
+    grid = (static.lkv_pad // tiles.block_kv, static.hkv, static.b)
+    out_shape = (
+        jax.ShapeDtypeStruct(k.shape, k.dtype),
+        jax.ShapeDtypeStruct(v.shape, v.dtype),
+    )
+    return _call(
+        kernel, grid, out_shape, static, tiles, counts, blocks, q, k, v, do, lse2,
+        delta, *tables, name="flex_bwd_dkv",
+    )
