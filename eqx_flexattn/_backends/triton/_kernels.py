@@ -81,10 +81,12 @@ class _TileMod:
         self.refs = refs
         self.static = static
 
-    def values(self, b, h, q, kv):
+    def values(self, b, h, pos: _Pos):
         """The tables' values on the tile with row positions `q (R, 1)` and column
-        positions `kv (1, C)` (padded positions included), broadcast to `(R, C)`."""
+        positions `kv (1, C)` (padded positions included; the first ones `q0`, `k0`),
+        broadcast to `(R, C)`."""
         out = []
+        q, kv, q0, k0 = pos
         shape = (q.shape[0], kv.shape[1])
         for spec, ref in zip(self.mod.specs, self.refs):
             bt = b if spec.batch else 0
@@ -92,9 +94,9 @@ class _TileMod:
             if spec.kind == "scalar":
                 x = ref[bt, ht]
             elif spec.kind == "q":
-                x = ref[bt, ht, pl.ds(q[0, 0], q.shape[0])][:, None]
+                x = ref[bt, ht, pl.ds(q0, q.shape[0])][:, None]
             elif spec.kind == "kv":
-                x = ref[bt, ht, pl.ds(kv[0, 0], kv.shape[1])][None, :]
+                x = ref[bt, ht, pl.ds(k0, kv.shape[1])][None, :]
             else:  # "diag": a gather of the Toeplitz tile
                 x = ref[bt, ht, diag_index(q, kv, self.static.lq_pad)]
             out.append(jnp.broadcast_to(x, shape))
@@ -104,41 +106,50 @@ class _TileMod:
         return self.mod.apply_tile(*args, *values)
 
 
-def _positions(q0, k0, rows, cols):
+class _Pos(NamedTuple):
+    """A tile's positions: rows `q (R, 1)`, columns `kv (1, C)`, the first of each."""
+
+    q: jax.Array
+    kv: jax.Array
+    q0: jax.Array
+    k0: jax.Array
+
+
+def _positions(q0, k0, rows, cols) -> _Pos:
     q = q0 + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
     kv = k0 + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
-    return q, kv
+    return _Pos(q, kv, q0, k0)
 
 
-def _index_args(b, h, q, kv, static: Static, shape):
+def _index_args(b, h, pos: _Pos, static: Static, shape):
     """The (b, h, q_idx, kv_idx) a mod sees on a tile: positions past the sequence
     clamped, everything broadcast to the tile."""
-    qi = jnp.broadcast_to(clamped(q, static.lq), shape)
-    ki = jnp.broadcast_to(clamped(kv, static.lkv), shape)
+    qi = jnp.broadcast_to(clamped(pos.q, static.lq), shape)
+    ki = jnp.broadcast_to(clamped(pos.kv, static.lkv), shape)
     return (jnp.full(shape, b, jnp.int32), jnp.full(shape, h, jnp.int32), qi, ki)
 
 
-def _keep(mask: _TileMod, b, h, q, kv, static: Static, shape, apply_mask: bool):
+def _keep(mask: _TileMod, b, h, pos: _Pos, static: Static, shape, apply_mask: bool):
     """Which elements of a tile attend (None: all): the mask mod on partial
     blocks, and the key padding of a ragged last key block on every block."""
     keep = None
     if apply_mask:
-        idx = _index_args(b, h, q, kv, static, shape)
-        keep = mask(*idx, values=mask.values(b, h, q, kv))
+        idx = _index_args(b, h, pos, static, shape)
+        keep = mask(*idx, values=mask.values(b, h, pos))
     if static.lkv_pad != static.lkv:
-        inside = jnp.broadcast_to(kv < static.lkv, shape)
+        inside = jnp.broadcast_to(pos.kv < static.lkv, shape)
         keep = inside if keep is None else keep & inside
     return keep
 
 
-def _scores(q, k, score: _TileMod, b, h, qpos, kvpos, static: Static):
+def _scores(q, k, score: _TileMod, b, h, pos: _Pos, static: Static):
     """Scaled, score-modded scores of a tile (float32), and the tile's values of
     the score mod's tables (for its VJP)."""
     s = _dot(q, k, static, trans_b=True) * static.scale
     values = ()
     if score.mod is not None:
-        idx = _index_args(b, h, qpos, kvpos, static, s.shape)
-        values = score.values(b, h, qpos, kvpos)
+        idx = _index_args(b, h, pos, static, s.shape)
+        values = score.values(b, h, pos)
         s = score(s, *idx, values=values).astype(jnp.float32)
     return s, values
 
@@ -180,10 +191,10 @@ def _forward_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, *refs, static,
         k0 = blocks_ref[mb, mh, i, j] * bkv
         k = k_ref[b, hk, pl.ds(k0, bkv), :]
         v = v_ref[b, hk, pl.ds(k0, bkv), :]
-        qpos, kvpos = _positions(q0, k0, bq, bkv)
-        s, _ = _scores(q, k, score_t, b, h, qpos, kvpos, static)
+        pos = _positions(q0, k0, bq, bkv)
+        s, _ = _scores(q, k, score_t, b, h, pos, static)
         s = s * LOG2_E
-        keep = _keep(mask_t, b, h, qpos, kvpos, static, s.shape, apply_mask)
+        keep = _keep(mask_t, b, h, pos, static, s.shape, apply_mask)
         if keep is not None:
             s = masked(s, keep)
         m_new, alpha, p = softmax_step(m, s, jnp.exp2)
@@ -249,19 +260,19 @@ def _static(mod: KernelMod | None) -> KernelMod | None:
 # --- backward ------------------------------------------------------------------------
 
 
-def _tile_grads(q, k, v, do, lse2, delta, score_t, mask_t, b, h, qpos, kvpos, static,
+def _tile_grads(q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
                 apply_mask, want_values):
     """A tile's `P`, `dS` (before the score mod: the gradient of `q kᵀ * scale`),
     and, if `want_values`, the cotangents of the score mod's table values."""
     s_mod = lambda s, *vals: score_t(s, *idx, values=vals).astype(jnp.float32)
     raw = _dot(q, k, static, trans_b=True) * static.scale
     if score_t.mod is not None:
-        idx = _index_args(b, h, qpos, kvpos, static, raw.shape)
-        values = score_t.values(b, h, qpos, kvpos)
+        idx = _index_args(b, h, pos, static, raw.shape)
+        values = score_t.values(b, h, pos)
         s, vjp = jax.vjp(s_mod, raw, *values)
     else:
         s = raw
-    keep = _keep(mask_t, b, h, qpos, kvpos, static, s.shape, apply_mask)
+    keep = _keep(mask_t, b, h, pos, static, s.shape, apply_mask)
     p = jnp.exp2(s * LOG2_E - lse2[:, None])
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
@@ -299,9 +310,9 @@ def _dq_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         k0 = blocks_ref[mb, mh, i, j] * bkv
         k = k_ref[b, hk, pl.ds(k0, bkv), :]
         v = v_ref[b, hk, pl.ds(k0, bkv), :]
-        qpos, kvpos = _positions(q0, k0, bq, bkv)
+        pos = _positions(q0, k0, bq, bkv)
         _, ds, dvalues = _tile_grads(
-            q, k, v, do, lse2, delta, score_t, mask_t, b, h, qpos, kvpos, static,
+            q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
             apply_mask, bool(learnt),
         )
         dq = dq + _dot(ds.astype(k.dtype), k, static)
@@ -368,10 +379,9 @@ def _dkv_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
             do = do_ref[b, h, rows, :]
             lse2 = lse_ref[b, h, rows]
             delta = delta_ref[b, h, rows]
-            qpos, kvpos = _positions(q0, k0, bq, bkv)
+            pos = _positions(q0, k0, bq, bkv)
             p, ds, _ = _tile_grads(
-                q, k, v, do, lse2, delta, score_t, mask_t, b, h, qpos, kvpos,
-                static, apply_mask, False,
+                q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static, apply_mask, False,
             )
             dv = dv + _dot(p.astype(do.dtype), do, static, trans_a=True)
             dk = dk + _dot(ds.astype(q.dtype), q, static, trans_a=True)
