@@ -223,12 +223,21 @@ def _only_masks(case: Case, config: Config, masks: tuple) -> str | None:
 class EqxFlex(JaxImpl):
     """eqx_flexattn.flex_attention with one backend of `eqx_flexattn._backends`."""
 
-    def __init__(self, backend: str, kernel_options: dict | None = None):
+    def __init__(
+        self,
+        backend: str,
+        kernel_options: dict | None = None,
+        variant: str = "",
+        dtypes: tuple[str, ...] | None = None,
+    ):
         self.backend = backend
         self.kernel_options = kernel_options
-        self.name = f"eqx_flexattn.{backend}"
+        self.name = f"eqx_flexattn.{backend}" + (f":{variant}" if variant else "")
+        self.dtypes = dtypes  # None: every dtype
 
     def supports(self, case, config):
+        if self.dtypes is not None and config.dtype not in self.dtypes:
+            return f"a variant for {', '.join(self.dtypes)} inputs"
         if self.backend == "reference":
             size = config.B * config.Hq * config.Lq * config.Lkv
             if size > DENSE_REFERENCE_MAX:
@@ -613,6 +622,12 @@ def registry() -> list[Impl]:
     ours = sorted(BACKENDS, key=lambda n: (n == "reference", n))
     return [
         *(EqxFlex(n) for n in ours),
+        # float32 at full precision (JAX's default on GPUs is TF32).
+        *(
+            EqxFlex("triton", {"triton": {"f32_precision": p}}, p, ("float32",))
+            for p in ("tf32x3", "ieee")
+            if "triton" in BACKENDS
+        ),
         TorchFlex(),
         JaxNn("cudnn"),
         JaxNn("xla"),
