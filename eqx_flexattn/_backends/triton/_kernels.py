@@ -82,21 +82,20 @@ class _TileMod:
         self.static = static
 
     def values(self, b, h, pos: _Pos):
-        """The tables' values on the tile with row positions `q (R, 1)` and column
-        positions `kv (1, C)` (padded positions included; the first ones `q0`, `k0`),
-        broadcast to `(R, C)`."""
+        """The tables' values on the tile at `pos` (padded positions included),
+        broadcast to the tile."""
         out = []
         q, kv, q0, k0 = pos
-        shape = (q.shape[0], kv.shape[1])
+        shape = jnp.broadcast_shapes(q.shape, kv.shape)
         for spec, ref in zip(self.mod.specs, self.refs):
             bt = b if spec.batch else 0
             ht = h if spec.head else 0
             if spec.kind == "scalar":
                 x = ref[bt, ht]
             elif spec.kind == "q":
-                x = ref[bt, ht, pl.ds(q0, q.shape[0])][:, None]
+                x = _along(ref[bt, ht, pl.ds(q0, q.size)], q)
             elif spec.kind == "kv":
-                x = ref[bt, ht, pl.ds(k0, kv.shape[1])][None, :]
+                x = _along(ref[bt, ht, pl.ds(k0, kv.size)], kv)
             else:  # "diag": a gather of the Toeplitz tile
                 x = ref[bt, ht, diag_index(q, kv, self.static.lq_pad)]
             out.append(jnp.broadcast_to(x, shape))
@@ -107,7 +106,9 @@ class _TileMod:
 
 
 class _Pos(NamedTuple):
-    """A tile's positions: rows `q (R, 1)`, columns `kv (1, C)`, the first of each."""
+    """A tile's query and key positions, broadcastable to the tile: `q (R, 1)` and
+    `kv (1, C)`, or `q (1, C)` and `kv (R, 1)` for a transposed tile (rows of keys);
+    and the first of each."""
 
     q: jax.Array
     kv: jax.Array
@@ -115,10 +116,19 @@ class _Pos(NamedTuple):
     k0: jax.Array
 
 
-def _positions(q0, k0, rows, cols) -> _Pos:
-    q = q0 + lax.broadcasted_iota(jnp.int32, (rows, 1), 0)
-    kv = k0 + lax.broadcasted_iota(jnp.int32, (1, cols), 1)
+def _positions(q0, k0, bq, bkv, transposed=False) -> _Pos:
+    if transposed:
+        q = q0 + lax.broadcasted_iota(jnp.int32, (1, bq), 1)
+        kv = k0 + lax.broadcasted_iota(jnp.int32, (bkv, 1), 0)
+    else:
+        q = q0 + lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
+        kv = k0 + lax.broadcasted_iota(jnp.int32, (1, bkv), 1)
     return _Pos(q, kv, q0, k0)
+
+
+def _along(x, like):
+    """A vector `x` laid along the non-unit axis of `like` (`(R, 1)` or `(1, C)`)."""
+    return x[:, None] if like.shape[1] == 1 else x[None, :]
 
 
 def _index_args(b, h, pos: _Pos, static: Static, shape):
@@ -261,11 +271,17 @@ def _static(mod: KernelMod | None) -> KernelMod | None:
 
 
 def _tile_grads(q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
-                apply_mask, want_values):
+                apply_mask, want_values, transposed=False):
     """A tile's `P`, `dS` (before the score mod: the gradient of `q kᵀ * scale`),
-    and, if `want_values`, the cotangents of the score mod's table values."""
+    and, if `want_values`, the cotangents of the score mod's table values; all
+    transposed (rows of keys) if `transposed`."""
     s_mod = lambda s, *vals: score_t(s, *idx, values=vals).astype(jnp.float32)
-    raw = _dot(q, k, static, trans_b=True) * static.scale
+    if transposed:
+        raw = _dot(k, q, static, trans_b=True) * static.scale
+        per_query = lambda x: x[None, :]
+    else:
+        raw = _dot(q, k, static, trans_b=True) * static.scale
+        per_query = lambda x: x[:, None]
     if score_t.mod is not None:
         idx = _index_args(b, h, pos, static, raw.shape)
         values = score_t.values(b, h, pos)
@@ -273,11 +289,13 @@ def _tile_grads(q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
     else:
         s = raw
     keep = _keep(mask_t, b, h, pos, static, s.shape, apply_mask)
-    p = jnp.exp2(s * LOG2_E - lse2[:, None])
+    p = jnp.exp2(s * LOG2_E - per_query(lse2))
     if keep is not None:
         p = jnp.where(keep, p, 0.0)
-    dp = _dot(do, v, static, trans_b=True)
-    ds = score_gradient(p, dp, delta)
+    if transposed:
+        ds = p * (_dot(v, do, static, trans_b=True) - per_query(delta))
+    else:
+        ds = score_gradient(p, _dot(do, v, static, trans_b=True), delta)
     dvalues = ()
     if score_t.mod is not None:
         ds, *dvalues = vjp(ds)
@@ -379,12 +397,13 @@ def _dkv_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
             do = do_ref[b, h, rows, :]
             lse2 = lse_ref[b, h, rows]
             delta = delta_ref[b, h, rows]
-            pos = _positions(q0, k0, bq, bkv)
+            pos = _positions(q0, k0, bq, bkv, transposed=True)
             p, ds, _ = _tile_grads(
-                q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static, apply_mask, False,
+                q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
+                apply_mask, False, transposed=True,
             )
-            dv = dv + _dot(p.astype(do.dtype), do, static, trans_a=True)
-            dk = dk + _dot(ds.astype(q.dtype), q, static, trans_a=True)
+            dv = dv + _dot(p.astype(do.dtype), do, static)
+            dk = dk + _dot(ds.astype(q.dtype), q, static)
             return dk, dv
 
         n_full = counts_ref[mb, mh, n, 0]
