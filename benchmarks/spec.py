@@ -160,7 +160,13 @@ TRITON_CASES = (
     "relative_bias",
     "relative_bias:learnable",
 )
-FLOAT32_CASES = ("causal", "alibi+causal", "softcap+causal", "sliding_window", "document")
+FLOAT32_CASES = (
+    "causal",
+    "alibi+causal",
+    "softcap+causal",
+    "sliding_window",
+    "document",
+)
 
 PRESETS: dict[str, Preset] = {
     "full": Preset(

@@ -15,8 +15,12 @@ from helpers import numpy_attention, on_gpu, random_qkv, to_f64
 import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
 from eqx_flexattn._backends import AUTO_ORDER, BACKENDS
-from eqx_flexattn._backends.triton import _configs, DEVICE_KINDS, f32_precision
-from eqx_flexattn._backends.triton import TritonConfig
+from eqx_flexattn._backends.triton import (
+    _configs,
+    DEVICE_KINDS,
+    f32_precision,
+    TritonConfig,
+)
 from eqx_flexattn._backends.triton._kernels import Tiles
 
 
@@ -31,7 +35,14 @@ SMALL |= {"bwd_block_q": 16, "bwd_block_kv": 32}
 
 def run(q, k, v, mod=None, bm=None, gqa=False, **options):
     return fa.flex_attention(
-        q, k, v, mod, bm, enable_gqa=gqa, return_lse=True, backend="triton",
+        q,
+        k,
+        v,
+        mod,
+        bm,
+        enable_gqa=gqa,
+        return_lse=True,
+        backend="triton",
         kernel_options={"triton": SMALL | options},
     )
 
@@ -55,7 +66,9 @@ def test_forward_matches_numpy(case, getkey):
     dims, a per-(batch, head) mask with fully masked rows."""
     _, b, hq, hkv, lq, lkv, d, dv, bs = case
     q, k, v = random_qkv(getkey(), b, hq, hkv, lq, lkv, d, dv, dtype=jnp.float32)
-    ids = jnp.asarray(np.arange(b * lkv).reshape(b, lkv) * 7 // (3 * lkv) % 3, jnp.int32)
+    ids = jnp.asarray(
+        np.arange(b * lkv).reshape(b, lkv) * 7 // (3 * lkv) % 3, jnp.int32
+    )
     ids_q = ids[:, :lq] if lq <= lkv else None
     slopes = jnp.linspace(0.1, 0.9, hq, dtype=jnp.float32)
     table = jax.random.normal(getkey(), (hq, lq + lkv - 1), jnp.float32)
@@ -111,8 +124,15 @@ def test_fully_masked_rows_forward_and_gradient(getkey):
 def loss(backend, bm, options=None):
     def f(q, k, v, mod):
         out, lse = fa.flex_attention(
-            q, k, v, mod, bm, enable_gqa=q.shape[1] != k.shape[1], return_lse=True,
-            backend=backend, kernel_options=options,
+            q,
+            k,
+            v,
+            mod,
+            bm,
+            enable_gqa=q.shape[1] != k.shape[1],
+            return_lse=True,
+            backend=backend,
+            kernel_options=options,
         )
         w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32)).reshape(out.shape)
         out = out.astype(jnp.float32)
@@ -124,9 +144,12 @@ def loss(backend, bm, options=None):
 
 GRAD_MODS = {
     # A per-head table: its gradient from the dQ kernel's row sums.
-    "alibi": lambda key, h: score_mods.Alibi(jnp.linspace(0.1, 0.5, h, dtype=jnp.float32)),
+    "alibi": lambda key, h: score_mods.Alibi(
+        jnp.linspace(0.1, 0.5, h, dtype=jnp.float32)
+    ),
     "head_bias_softcap": lambda key, h: score_mods.compose(
-        score_mods.HeadBias(jnp.linspace(-1, 1, h, dtype=jnp.float32)), score_mods.SoftCap(2.0)
+        score_mods.HeadBias(jnp.linspace(-1, 1, h, dtype=jnp.float32)),
+        score_mods.SoftCap(2.0),
     ),
     # A relative-position table: the xla backward runs.
     "relative_bias": lambda key, h: score_mods.RelativePositionBias(h, 12, key=key),
@@ -214,7 +237,10 @@ def test_declines_with_a_sentence():
     )
     # Tiles that cannot fit a card are a decline, with the numbers.
     text = reason(
-        s(1, 1, 4096, 256), compute_capability="8.9", block_q=128, block_kv=128,
+        s(1, 1, 4096, 256),
+        compute_capability="8.9",
+        block_q=128,
+        block_kv=128,
         num_stages=4,
     )
     assert "no configuration fits the GPU: forward tiles 128x128" in text
@@ -254,7 +280,9 @@ def test_default_tiles_fit_every_card(card):
     for d in (16, 32, 64, 128, 256):
         for itemsize in (2, 4):
             for kind in ("forward", "dq", "dkv"):
-                t = _configs.choose(kind, cc, d, d, itemsize, 8192, 8192, (128, 128), {})
+                t = _configs.choose(
+                    kind, cc, d, d, itemsize, 8192, 8192, (128, 128), {}
+                )
                 smem = _configs.shared_bytes(kind, t, d, d, itemsize)
                 assert smem <= _configs.SHARED_MEMORY[cc], (kind, d, itemsize, t)
                 assert _configs.registers_per_thread(kind, t, d, d) <= 255
@@ -276,8 +304,9 @@ def test_tiles_follow_lengths_and_options():
         _configs.choose("forward", None, 64, 64, 2, 4096, 4096, (48, 48), {})
 
 
-@pytest.mark.parametrize("kind", ["NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090",
-                                  "NVIDIA L4"])
+@pytest.mark.parametrize(
+    "kind", ["NVIDIA A100-SXM4-80GB", "NVIDIA GeForce RTX 4090", "NVIDIA L4"]
+)
 def test_lowers_for_gpus_below_hopper(kind):
     """Forward and backward (learnt ALiBi slopes: the dQ kernel's row sums; document
     ids: per-row and per-key int tables) lower to three Triton kernels for the card,
@@ -291,9 +320,11 @@ def test_lowers_for_gpus_below_hopper(kind):
     bm = fa.create_block_mask(mask, b, None, lq, lq)
     options = {"triton": {"compute_capability": cc}}
     mesh = AbstractMesh(
-        (1,), ("x",), abstract_device=AbstractDevice(
+        (1,),
+        ("x",),
+        abstract_device=AbstractDevice(
             device_kind=kind, num_cores=None, platform="gpu"
-        )
+        ),
     )
     alibi = score_mods.Alibi(jnp.array([0.5, 0.25], jnp.float32))
     for dtype, d in ((jnp.bfloat16, 128), (jnp.float32, 64)):

@@ -59,7 +59,14 @@ def _loss(backend, bm, w, gqa=False, options=None):
 
     def loss(q, k, v, mod):
         out, lse = fa.flex_attention(
-            q, k, v, mod, bm, enable_gqa=gqa, return_lse=True, backend=backend,
+            q,
+            k,
+            v,
+            mod,
+            bm,
+            enable_gqa=gqa,
+            return_lse=True,
+            backend=backend,
             kernel_options=options,
         )
         lse = jnp.where(jnp.isfinite(lse), lse, 0.0)
@@ -140,14 +147,21 @@ def test_fully_masked_rows():
     bm = fa.create_block_mask(mod, None, None, L, L)
     q, k, v, w = _inputs(5, d=64)
     out, lse = fa.flex_attention(
-        q, k, v, block_mask=bm, return_lse=True, backend="triton",
+        q,
+        k,
+        v,
+        block_mask=bm,
+        return_lse=True,
+        backend="triton",
         kernel_options={"triton": OPTIONS},
     )
     rows = np.arange(L) % 3 == 1
     out, lse = np.asarray(out.astype(jnp.float32)), np.asarray(lse)
     assert not np.isnan(out).any()
     np.testing.assert_array_equal(out[:, :, rows], 0.0)
-    assert np.all(np.isneginf(lse[:, :, rows])) and np.all(np.isfinite(lse[:, :, ~rows]))
+    assert np.all(np.isneginf(lse[:, :, rows])) and np.all(
+        np.isfinite(lse[:, :, ~rows])
+    )
 
 
 def test_parameter_gradients_are_bitwise_deterministic():
@@ -192,7 +206,13 @@ def test_matches_torch_flex_attention(dtype):
 
     def ours(q, k, v, slopes):
         return fa.flex_attention(
-            q, k, v, score_mods.Alibi(slopes), bm, return_lse=True, backend="triton",
+            q,
+            k,
+            v,
+            score_mods.Alibi(slopes),
+            bm,
+            return_lse=True,
+            backend="triton",
             kernel_options={"triton": OPTIONS},
         )
 
@@ -235,7 +255,9 @@ def test_matches_torch_flex_attention(dtype):
 def test_auto_chooses_per_dtype():
     """sm90+: `mosaic` for bfloat16, `triton` for float32; below: `triton`."""
     cc = tuple(int(x) for x in jax.devices()[0].compute_capability.split("."))
-    for dtype, want in ((jnp.bfloat16, "mosaic" if cc >= (9, 0) else "triton"),
-                        (jnp.float32, "triton")):
+    for dtype, want in (
+        (jnp.bfloat16, "mosaic" if cc >= (9, 0) else "triton"),
+        (jnp.float32, "triton"),
+    ):
         x = jax.ShapeDtypeStruct((1, 2, 1024, 64), dtype)
         assert fa.explain_backend(x, x, x).splitlines()[0] == f"backend: {want}"

@@ -224,7 +224,14 @@ def _plan(problem: AttentionProblem, cfg: TritonConfig) -> _Plan:
     mask_block = problem.block_mask.block_size
     tiles = {
         kind: _configs.choose(
-            kind, cc, d_pad, dv_pad, itemsize, lq, lkv, mask_block,
+            kind,
+            cc,
+            d_pad,
+            dv_pad,
+            itemsize,
+            lq,
+            lkv,
+            mask_block,
             cfg.overrides(kind),
         )
         for kind in ("forward", "dq", "dkv")
@@ -365,7 +372,12 @@ class TritonBackend(AbstractBackend):
                     partials[i] = part
                 grads = reduce_table_grads(partials, score.specs, score.tables)
                 build = lambda m: kernel_mod(
-                    m, static.b, static.hq, lq, lkv, lq_pad=static.lq_pad,
+                    m,
+                    static.b,
+                    static.hq,
+                    lq,
+                    lkv,
+                    lq_pad=static.lq_pad,
                     lkv_pad=static.lkv_pad,
                 )
                 dmod = table_vjp(build, problem.score_mod, grads)

@@ -111,8 +111,17 @@ def fits(kind, t, d, dv, itemsize, cc) -> tuple[bool, str]:
     return ok, why
 
 
-def choose(kind: str, cc, d: int, dv: int, itemsize: int, lq: int, lkv: int,
-           mask_block: tuple[int, int], override: dict) -> Tiles:
+def choose(
+    kind: str,
+    cc,
+    d: int,
+    dv: int,
+    itemsize: int,
+    lq: int,
+    lkv: int,
+    mask_block: tuple[int, int],
+    override: dict,
+) -> Tiles:
     """The tiles of kernel `kind` ("forward", "dq", "dkv") on a card of compute
     capability `cc` ((major, minor); None: interpreted, no limits), for padded head
     dims `d`, `dv` and inputs of `itemsize` bytes. Tiles are no longer than the

@@ -30,8 +30,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from ..._mods import diag_index, KernelMod
-from .._tiles import clamped, LN_2, LOG2_E, masked, score_gradient, softmax_finish
-from .._tiles import softmax_step
+from .._tiles import (
+    clamped,
+    LN_2,
+    LOG2_E,
+    masked,
+    score_gradient,
+    softmax_finish,
+    softmax_step,
+)
 
 
 class Tiles(NamedTuple):
@@ -181,8 +188,9 @@ def _list_loops(n_full, n_all, body, carry):
 # --- forward -------------------------------------------------------------------------
 
 
-def _forward_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, *refs, static,
-                    tiles, score, mask):
+def _forward_kernel(
+    counts_ref, blocks_ref, q_ref, k_ref, v_ref, *refs, static, tiles, score, mask
+):
     score_refs, mask_refs, (o_ref, lse_ref) = _split_refs(refs, score, mask)
     score_t = _TileMod(score, score_refs, static)
     mask_t = _TileMod(mask, mask_refs, static)
@@ -197,7 +205,7 @@ def _forward_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, *refs, static,
     n_all = counts_ref[mb, mh, i, 1]
 
     def body(j, carry, apply_mask):
-        acc, m, l = carry
+        acc, m, denom = carry
         k0 = blocks_ref[mb, mh, i, j] * bkv
         k = k_ref[b, hk, pl.ds(k0, bkv), :]
         v = v_ref[b, hk, pl.ds(k0, bkv), :]
@@ -208,17 +216,17 @@ def _forward_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, *refs, static,
         if keep is not None:
             s = masked(s, keep)
         m_new, alpha, p = softmax_step(m, s, jnp.exp2)
-        l = l * alpha + jnp.sum(p, axis=1)
+        denom = denom * alpha + jnp.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, static)
-        return acc, m_new, l
+        return acc, m_new, denom
 
     carry = (
         jnp.zeros((bq, static.dv), jnp.float32),
         jnp.full((bq,), -jnp.inf, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    acc, m, l = _list_loops(n_full, n_all, body, carry)
-    out, lse2 = softmax_finish(acc, l, m, jnp.log2)
+    acc, m, denom = _list_loops(n_full, n_all, body, carry)
+    out, lse2 = softmax_finish(acc, denom, m, jnp.log2)
     o_ref[b, h, pl.ds(q0, bq), :] = out.astype(o_ref.dtype)
     lse_ref[b, h, pl.ds(q0, bq)] = lse2 * LN_2
 
@@ -248,7 +256,10 @@ def forward(static: Static, tiles: Tiles, q, k, v, counts, blocks, score, mask):
     (B|1, H|1, Mq, N)` (full first), at the kernel's tiles."""
     tables = (score.tables if score is not None else ()) + mask.tables
     kernel = ft.partial(
-        _forward_kernel, static=static, tiles=tiles, score=_static(score),
+        _forward_kernel,
+        static=static,
+        tiles=tiles,
+        score=_static(score),
         mask=_static(mask),
     )
     grid = (static.lq_pad // tiles.block_q, static.hq, static.b)
@@ -257,7 +268,17 @@ def forward(static: Static, tiles: Tiles, q, k, v, counts, blocks, score, mask):
         jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad), jnp.float32),
     )
     return _call(
-        kernel, grid, out_shape, static, tiles, counts, blocks, q, k, v, *tables,
+        kernel,
+        grid,
+        out_shape,
+        static,
+        tiles,
+        counts,
+        blocks,
+        q,
+        k,
+        v,
+        *tables,
         name="flex_fwd",
     )
 
@@ -270,8 +291,23 @@ def _static(mod: KernelMod | None) -> KernelMod | None:
 # --- backward ------------------------------------------------------------------------
 
 
-def _tile_grads(q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
-                apply_mask, want_values, transposed=False):
+def _tile_grads(
+    q,
+    k,
+    v,
+    do,
+    lse2,
+    delta,
+    score_t,
+    mask_t,
+    b,
+    h,
+    pos,
+    static,
+    apply_mask,
+    want_values,
+    transposed=False,
+):
     """A tile's `P`, `dS` (before the score mod: the gradient of `q kᵀ * scale`),
     and, if `want_values`, the cotangents of the score mod's table values; all
     transposed (rows of keys) if `transposed`."""
@@ -304,8 +340,22 @@ def _tile_grads(q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
     return p, ds, dvalues
 
 
-def _dq_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref,
-               *refs, static, tiles, score, mask, learnt):
+def _dq_kernel(
+    counts_ref,
+    blocks_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    *refs,
+    static,
+    tiles,
+    score,
+    mask,
+    learnt,
+):
     score_refs, mask_refs, (dq_ref, *row_refs) = _split_refs(refs, score, mask)
     score_t = _TileMod(score, score_refs, static)
     mask_t = _TileMod(mask, mask_refs, static)
@@ -330,13 +380,23 @@ def _dq_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, del
         v = v_ref[b, hk, pl.ds(k0, bkv), :]
         pos = _positions(q0, k0, bq, bkv)
         _, ds, dvalues = _tile_grads(
-            q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
-            apply_mask, bool(learnt),
+            q,
+            k,
+            v,
+            do,
+            lse2,
+            delta,
+            score_t,
+            mask_t,
+            b,
+            h,
+            pos,
+            static,
+            apply_mask,
+            bool(learnt),
         )
         dq = dq + _dot(ds.astype(k.dtype), k, static)
-        sums = tuple(
-            acc + jnp.sum(dvalues[t], axis=1) for acc, t in zip(sums, learnt)
-        )
+        sums = tuple(acc + jnp.sum(dvalues[t], axis=1) for acc, t in zip(sums, learnt))
         return dq, sums
 
     carry = (
@@ -356,8 +416,12 @@ def dq(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask, lea
     `delta = rowsum(dO * O) - dlse`."""
     tables = (score.tables if score is not None else ()) + mask.tables
     kernel = ft.partial(
-        _dq_kernel, static=static, tiles=tiles, score=_static(score),
-        mask=_static(mask), learnt=tuple(learnt),
+        _dq_kernel,
+        static=static,
+        tiles=tiles,
+        score=_static(score),
+        mask=_static(mask),
+        learnt=tuple(learnt),
     )
     grid = (static.lq_pad // tiles.block_q, static.hq, static.b)
     rows = jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad), jnp.float32)
@@ -366,14 +430,40 @@ def dq(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask, lea
         *(rows for _ in learnt),
     )
     dq_, *sums = _call(
-        kernel, grid, out_shape, static, tiles, counts, blocks, q, k, v, do, lse2,
-        delta, *tables, name="flex_bwd_dq",
+        kernel,
+        grid,
+        out_shape,
+        static,
+        tiles,
+        counts,
+        blocks,
+        q,
+        k,
+        v,
+        do,
+        lse2,
+        delta,
+        *tables,
+        name="flex_bwd_dq",
     )
     return dq_, sums
 
 
-def _dkv_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
-                delta_ref, *refs, static, tiles, score, mask):
+def _dkv_kernel(
+    counts_ref,
+    blocks_ref,
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    *refs,
+    static,
+    tiles,
+    score,
+    mask,
+):
     score_refs, mask_refs, (dk_ref, dv_ref) = _split_refs(refs, score, mask)
     score_t = _TileMod(score, score_refs, static)
     mask_t = _TileMod(mask, mask_refs, static)
@@ -399,8 +489,21 @@ def _dkv_kernel(counts_ref, blocks_ref, q_ref, k_ref, v_ref, do_ref, lse_ref,
             delta = delta_ref[b, h, rows]
             pos = _positions(q0, k0, bq, bkv, transposed=True)
             p, ds, _ = _tile_grads(
-                q, k, v, do, lse2, delta, score_t, mask_t, b, h, pos, static,
-                apply_mask, False, transposed=True,
+                q,
+                k,
+                v,
+                do,
+                lse2,
+                delta,
+                score_t,
+                mask_t,
+                b,
+                h,
+                pos,
+                static,
+                apply_mask,
+                False,
+                transposed=True,
             )
             dv = dv + _dot(p.astype(do.dtype), do, static)
             dk = dk + _dot(ds.astype(q.dtype), q, static)
@@ -425,7 +528,10 @@ def dkv(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask):
     block, full first) at the kernel's tiles."""
     tables = (score.tables if score is not None else ()) + mask.tables
     kernel = ft.partial(
-        _dkv_kernel, static=static, tiles=tiles, score=_static(score),
+        _dkv_kernel,
+        static=static,
+        tiles=tiles,
+        score=_static(score),
         mask=_static(mask),
     )
     grid = (static.lkv_pad // tiles.block_kv, static.hkv, static.b)
@@ -434,6 +540,19 @@ def dkv(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask):
         jax.ShapeDtypeStruct(v.shape, v.dtype),
     )
     return _call(
-        kernel, grid, out_shape, static, tiles, counts, blocks, q, k, v, do, lse2,
-        delta, *tables, name="flex_bwd_dkv",
+        kernel,
+        grid,
+        out_shape,
+        static,
+        tiles,
+        counts,
+        blocks,
+        q,
+        k,
+        v,
+        do,
+        lse2,
+        delta,
+        *tables,
+        name="flex_bwd_dkv",
     )
