@@ -222,8 +222,8 @@ def _plan(problem: AttentionProblem, cfg: TritonConfig) -> _Plan:
     d_pad, dv_pad = _configs.pow2_at_least(d), _configs.pow2_at_least(dv)
     itemsize = jnp.dtype(problem.q.dtype).itemsize
     mask_block = problem.block_mask.block_size
-    tiles = {
-        kind: _configs.choose(
+    fwd, bwd = (
+        _configs.choose(
             kind,
             cc,
             d_pad,
@@ -234,11 +234,8 @@ def _plan(problem: AttentionProblem, cfg: TritonConfig) -> _Plan:
             mask_block,
             cfg.overrides(kind),
         )
-        for kind in ("forward", "dq", "dkv")
-    }
-    fwd = tiles["forward"]
-    # The two backward kernels share one tile (the smaller of their choices).
-    bwd = min(tiles["dq"], tiles["dkv"], key=lambda t: t.block_q * t.block_kv)
+        for kind in ("forward", "backward")
+    )
     pad = lambda n, *sizes: math.lcm(*sizes) * math.ceil(n / math.lcm(*sizes))
     idx = problem.block_mask.kv_num_blocks
     static = _kernels.Static(
