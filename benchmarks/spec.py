@@ -148,9 +148,9 @@ class Preset:
 
 HEADLINE = ("eqx_flexattn.*", "torch.*", "jax.nn.cudnn")
 TRITON_IMPLS = ("eqx_flexattn.triton*", "torch.*")
-TRITON_CASES = (
-    "checkerboard",
+TRITON_CASES = (  # the goal's cases; the costly learnable relative table last
     "causal",
+    "checkerboard",
     "alibi+causal",
     "softcap+causal",
     "sliding_window",
@@ -198,22 +198,23 @@ PRESETS: dict[str, Preset] = {
         max_seconds=390.0,
         shares=(0.32, 0.36, 0.09, 0.07, 0.04, 0.04, 0.08),
     ),
-    # The `triton` backend's goal on one H100/H200 (about 6 minutes of measuring):
+    # The `triton` backend's goal on one H100/H200 (about 5 minutes of measuring):
     # beside torch flex, the seed and L8k cases in half precision, learnable
-    # parameters, and float32 at TF32 and at full precision.
+    # parameters (the learnable relative table at the seed shape only: its
+    # gradient runs the xla backward), and float32 at TF32, 3xTF32 and IEEE.
     "triton": Preset(
         plan=(
             Entry("seed", TRITON_CASES, TRITON_IMPLS),
-            Entry("L8k", TRITON_CASES, TRITON_IMPLS),
+            Entry("L8k", TRITON_CASES[:-1], TRITON_IMPLS),
             Entry("seed-f32", FLOAT32_CASES, TRITON_IMPLS),
             Entry("L8k-f32", FLOAT32_CASES, TRITON_IMPLS),
         ),
-        iters=20,
-        warmup=2,
-        timed_seconds=1.0,
-        time_limit=60.0,
-        max_seconds=360.0,
-        shares=(0.35, 0.35, 0.12, 0.18, 0.0),
+        iters=10,
+        warmup=1,
+        timed_seconds=0.5,
+        time_limit=45.0,
+        max_seconds=300.0,
+        shares=(0.36, 0.36, 0.12, 0.16, 0.0),
         mask_lengths=(),
     ),
     "quick": Preset(

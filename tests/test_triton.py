@@ -316,9 +316,9 @@ def test_tiles_follow_lengths_and_options():
     ],
 )
 def test_lowers_for_gpus_below_hopper(kind):
-    """sm80, sm86, sm89: forward and backward (learnt ALiBi slopes: the dQ kernel's row sums; document
-    ids: per-row and per-key int tables) lower to three Triton kernels for the card,
-    in bfloat16 and float32, on this CPU."""
+    """sm80, sm86, sm89: forward and backward (learnt ALiBi slopes: the dQ kernel's
+    row sums; document ids: per-row and per-key int tables) lower to three Triton
+    kernels for the card, in bfloat16 and float32, on this CPU."""
     from jax.sharding import AbstractDevice, AbstractMesh
 
     cc = "{}.{}".format(*DEVICE_KINDS[kind])
