@@ -3,6 +3,7 @@ oracles (numpy in float64, the `reference` backend's autodiff in float64), its
 choice of tiles per GPU, its declines, and lowering for GPUs we do not have (A100,
 RTX 4090, L4) on the CPU."""
 
+import logging
 import warnings
 
 import equinox as eqx
@@ -142,31 +143,56 @@ def loss(backend, bm, options=None):
     return f
 
 
+# Small backward tiles, or the 64x64 ones the diagonal sums need.
+BWD_64 = {k: v for k, v in SMALL.items() if not k.startswith("bwd_")}
+
+# name: (mod, kernel options, whether the kernels compute the parameter gradient)
 GRAD_MODS = {
     # A per-head table: its gradient from the dQ kernel's row sums.
-    "alibi": lambda key, h: score_mods.Alibi(
-        jnp.linspace(0.1, 0.5, h, dtype=jnp.float32)
+    "alibi": (
+        lambda key, h: score_mods.Alibi(jnp.linspace(0.1, 0.5, h, dtype=jnp.float32)),
+        SMALL,
+        True,
     ),
-    "head_bias_softcap": lambda key, h: score_mods.compose(
-        score_mods.HeadBias(jnp.linspace(-1, 1, h, dtype=jnp.float32)),
-        score_mods.SoftCap(2.0),
+    "head_bias_softcap": (
+        lambda key, h: score_mods.compose(
+            score_mods.HeadBias(jnp.linspace(-1, 1, h, dtype=jnp.float32)),
+            score_mods.SoftCap(2.0),
+        ),
+        SMALL,
+        True,
     ),
-    # A relative-position table: the xla backward runs.
-    "relative_bias": lambda key, h: score_mods.RelativePositionBias(h, 12, key=key),
+    # Relative-position tables: the dQ kernel's diagonal sums on 64x64 tiles ...
+    "relative_bias": (
+        lambda key, h: score_mods.RelativePositionBias(h, 12, key=key),
+        BWD_64,
+        True,
+    ),
+    "t5": (lambda key, h: score_mods.T5RelativeBias(h, 8, 20, key=key), BWD_64, True),
+    # ... or, where the options set other backward tiles, the xla backward.
+    "relative_bias_other_tiles": (
+        lambda key, h: score_mods.RelativePositionBias(h, 12, key=key),
+        SMALL,
+        False,
+    ),
 }
 
 
 @pytest.mark.parametrize("mod_name", list(GRAD_MODS))
-def test_gradients_match_reference(mod_name, getkey):
+def test_gradients_match_reference(mod_name, getkey, caplog):
     """GQA, ragged lengths, a per-head mask with fully masked rows; dq, dk, dv and
     the score mod's parameters against float64 autodiff of the dense reference."""
     b, hq, hkv, lq, lkv = 2, 4, 2, 30, 45
     q, k, v = random_qkv(getkey(), b, hq, hkv, lq, lkv, 16, 8, dtype=jnp.float32)
     mask = lambda bb, h, qi, kv: (jnp.abs(qi - kv) <= 6 + 5 * h) & ((qi + h) % 5 != 0)
     bm = fa.create_block_mask(mask, None, hq, lq, lkv, block_size=(8, 16))
-    mod = GRAD_MODS[mod_name](getkey(), hq)
+    make, options, in_kernel = GRAD_MODS[mod_name]
+    mod = make(getkey(), hq)
     grad = lambda f: eqx.filter_jit(eqx.filter_grad(lambda a: f(*a)))
-    got = grad(loss("triton", bm, {"triton": SMALL}))((q, k, v, mod))
+    with caplog.at_level(logging.DEBUG, logger="eqx_flexattn"):
+        got = grad(loss("triton", bm, {"triton": options}))((q, k, v, mod))
+    fell_back = "triton backward: the xla backward runs" in caplog.text
+    assert fell_back != in_kernel
     want = grad(loss("reference", bm))(to_f64((q, k, v, mod)))
     got_leaves = jax.tree_util.tree_leaves(got)
     want_leaves = jax.tree_util.tree_leaves(want)
@@ -316,9 +342,10 @@ def test_tiles_follow_lengths_and_options():
     ],
 )
 def test_lowers_for_gpus_below_hopper(kind):
-    """sm80, sm86, sm89: forward and backward (learnt ALiBi slopes: the dQ kernel's
-    row sums; document ids: per-row and per-key int tables) lower to three Triton
-    kernels for the card, in bfloat16 and float32, on this CPU."""
+    """sm80, sm86, sm89: forward and backward (learnt ALiBi slopes and relative table:
+    the dQ kernel's row and diagonal sums; document ids: per-row and per-key int
+    tables) lower to three Triton kernels for the card, in bfloat16 and float32, on
+    this CPU."""
     from jax.sharding import AbstractDevice, AbstractMesh
 
     cc = "{}.{}".format(*DEVICE_KINDS[kind])
@@ -334,16 +361,25 @@ def test_lowers_for_gpus_below_hopper(kind):
             device_kind=kind, num_cores=None, platform="gpu"
         ),
     )
+    # Learnt ALiBi slopes (the dQ kernel's row sums), with a relative-position table
+    # (its diagonal sums, on 64x64 tiles: these fit every card at D=64).
     alibi = score_mods.Alibi(jnp.array([0.5, 0.25], jnp.float32))
-    for dtype, d in ((jnp.bfloat16, 128), (jnp.float32, 64)):
+    relative = score_mods.compose(
+        alibi, score_mods.RelativePositionBias(h, 64, key=jax.random.key(0))
+    )
+    for dtype, d, mod in (
+        (jnp.bfloat16, 128, alibi),
+        (jnp.bfloat16, 64, relative),
+        (jnp.float32, 64, alibi),
+    ):
         x = jax.ShapeDtypeStruct((b, h, lq, d), dtype)
         f = jax.jit(jax.grad(loss("triton", bm, options), argnums=(0, 1, 2, 3)))
         # Trace once off the mesh: the mods' kernel forms are cached with the
         # avals they were first traced with, and avals carry their abstract mesh.
-        f.trace(x, x, x, alibi)
+        f.trace(x, x, x, mod)
         with warnings.catch_warnings():  # Pallas's Triton lowering is deprecated
             warnings.simplefilter("ignore", DeprecationWarning)
             with jax.sharding.use_abstract_mesh(mesh):
-                low = f.trace(x, x, x, alibi).lower(lowering_platforms=("cuda",))
+                low = f.trace(x, x, x, mod).lower(lowering_platforms=("cuda",))
         text = low.as_text()
         assert text.count("__gpu$xla.gpu.triton") == 3, (dtype, text[:2000])

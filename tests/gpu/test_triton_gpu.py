@@ -37,7 +37,7 @@ def _mods(lq=L):
             score_mods.HeadBias(jnp.linspace(-1, 1, H, dtype=jnp.float32)),
         ),
         # A "diag" table, constant (a closure: gathered in the kernels) and
-        # learnable (its gradient from the xla backward).
+        # learnable (its gradient from the dQ kernel's diagonal sums).
         "relative_bias_causal": (masks.causal_mask, lambda *a: relative(*a)),
         "relative_bias_learnable": (None, relative),
     }
@@ -165,20 +165,25 @@ def test_fully_masked_rows():
 
 
 def test_parameter_gradients_are_bitwise_deterministic():
-    """Five runs of a learnable ALiBi + per-query bias mod give identical bits (row
-    sums written per program, reduced in a fixed order: no atomics)."""
+    """Five runs of a learnable ALiBi + per-query bias + relative-position table mod
+    give identical bits (row and diagonal sums written per program and tile, reduced
+    in a fixed order: no atomics)."""
     bias = jnp.linspace(-0.5, 0.5, L).astype(jnp.float32)
+    table = jax.random.normal(jax.random.key(6), (H, 2 * L - 1), jnp.float32)
 
     class Mod(score_mods.Alibi):
         bias: jax.Array
+        relative: score_mods.RelativePositionBias
 
-        def __init__(self, slopes, bias):
+        def __init__(self, slopes, bias, table):
             self.slopes, self.bias = slopes, bias
+            self.relative = score_mods.RelativePositionBias(H, L, table=table)
 
         def __call__(self, s, b, h, q, kv):
-            return super().__call__(s, b, h, q, kv) + self.bias[q]
+            s = super().__call__(s, b, h, q, kv) + self.bias[q]
+            return self.relative(s, b, h, q, kv)
 
-    mod = Mod(jnp.linspace(0.05, 0.5, H).astype(jnp.float32), bias)
+    mod = Mod(jnp.linspace(0.05, 0.5, H).astype(jnp.float32), bias, table)
     q, k, v, w = _inputs(1)
     bm = fa.create_block_mask(masks.causal_mask, None, None, L, L)
     grad = jax.jit(jax.grad(_loss("triton", bm, w), (0, 1, 2, 3)))

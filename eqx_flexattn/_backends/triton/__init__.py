@@ -24,7 +24,7 @@ from ..._block_mask import BlockMask
 from ..._mods import INDEX_DTYPE, kernel_mod, kernel_mod_specs
 from .._base import AbstractBackend, AttentionProblem, grads_like
 from .._config import AbstractConfig, check_bool, check_positive_int
-from .._reduce import reduce_table_grads, table_vjp
+from .._reduce import diagonal_partials, reduce_table_grads, table_vjp
 from .._tiles import LOG2_E
 from ..xla import XlaBackend
 from . import _configs, _kernels
@@ -215,7 +215,15 @@ class _Plan(eqx.Module):
     bwd: _kernels.Tiles = eqx.field(static=True)
 
 
-def _plan(problem: AttentionProblem, cfg: TritonConfig) -> _Plan:
+DIAG_TILE = 64  # the square backward tile of diagonal sums (`_reduce`'s layout)
+
+
+def _plan(problem: AttentionProblem, cfg: TritonConfig, diag: bool = False) -> _Plan:
+    """Sizes and tiles; with `diag`, backward tiles of `DIAG_TILE` squared (for the
+    diagonal sums of relative-position table gradients).
+
+    **Raises:** `NotImplementedError` when no tiles fit.
+    """
     cc = compute_capability(cfg)
     b, hq, lq, d = problem.q.shape
     hkv, lkv, dv = problem.v.shape[1:]
@@ -232,7 +240,9 @@ def _plan(problem: AttentionProblem, cfg: TritonConfig) -> _Plan:
             lq,
             lkv,
             mask_block,
-            cfg.overrides(kind),
+            _square(cfg.overrides(kind))
+            if diag and kind == "backward"
+            else cfg.overrides(kind),
         )
         for kind in ("forward", "backward")
     )
@@ -255,6 +265,31 @@ def _plan(problem: AttentionProblem, cfg: TritonConfig) -> _Plan:
         mask_head=idx.shape[1] > 1,
     )
     return _Plan(static, fwd, bwd)
+
+
+def _square(override: dict) -> dict:
+    square = dict(block_q=DIAG_TILE, block_kv=DIAG_TILE)
+    for key, value in square.items():
+        if override[key] not in (None, value):
+            raise NotImplementedError(
+                f"the diagonal sums need {DIAG_TILE}x{DIAG_TILE} backward tiles, "
+                f"but kernel_options set {key}={override[key]}"
+            )
+    return override | square
+
+
+def _visited(bm: BlockMask, static: _kernels.Static):
+    """`(B|1, H|1, Lkv_pad / 64, Lq_pad / 64)`: the 64x64 tiles the dQ kernel
+    computes (`bm` at those tiles)."""
+    # Unchecked: the dQ kernel ran on these lists (and the checks' `eqx.error_if`
+    # would not lower for the GPU off one).
+    partial, full = bm._states(check=False)
+    blocks = partial | full
+    n = DIAG_TILE
+    blocks = _pad_to(
+        _pad_to(blocks, 2, static.lq_pad // n, False), 3, static.lkv_pad // n, False
+    )
+    return blocks.swapaxes(2, 3)
 
 
 def _mask_at(problem: AttentionProblem, tiles: _kernels.Tiles) -> BlockMask:
@@ -325,22 +360,27 @@ class TritonBackend(AbstractBackend):
         need_mod = perturbed.score_mod is not None and any(
             jax.tree_util.tree_leaves(perturbed.score_mod)
         )
-        learnt = ()
+        learnt = diag = ()
         if need_mod:
             specs = kernel_mod_specs(problem.score_mod)
             floats = [
                 i for i, s in enumerate(specs) if jnp.issubdtype(s.dtype, jnp.floating)
             ]
-            if any(specs[i].kind in ("kv", "diag") for i in floats):
-                logger.debug(
-                    "triton backward: the xla backward runs: gradients of per-key "
-                    "or relative-position score-mod tables are not in the kernels"
-                )
-                return XlaBackend().backward(problem, out, lse, dout, dlse, perturbed)
-            learnt = tuple(floats)
+            learnt = tuple(i for i in floats if specs[i].kind in ("scalar", "q"))
+            diag = tuple(i for i in floats if specs[i].kind == "diag")
+        reason = None
+        if any(specs[i].kind == "kv" for i in floats) if need_mod else False:
+            reason = "gradients of per-key score-mod tables are not in the kernels"
+        else:
+            try:
+                plan = _plan(problem, self.config(problem), bool(diag))
+            except NotImplementedError as e:
+                reason = f"for relative-position table gradients, {e}"
+        if reason is not None:
+            logger.debug("triton backward: the xla backward runs: %s", reason)
+            return XlaBackend().backward(problem, out, lse, dout, dlse, perturbed)
         if dout is None:
             dout = jnp.zeros_like(out)
-        plan = _plan(problem, self.config(problem))
         static, tiles = plan.static, plan.bwd
         lq, d = problem.q.shape[2:]
         lkv, dv = problem.v.shape[2:]
@@ -357,16 +397,23 @@ class TritonBackend(AbstractBackend):
         score, mask = _mods(problem, static)
         operands = (q, k, v, do, lse2, delta)
         dq = dk = dv_ = dmod = None
-        if perturbed.q or learnt:
-            counts, blocks = _lists(_mask_at(problem, tiles))
-            dq, sums = _kernels.dq(
-                static, tiles, *operands, counts, blocks, score, mask, learnt
+        if perturbed.q or learnt or diag:
+            bm = _mask_at(problem, tiles)
+            counts, blocks = _lists(bm)
+            dq, sums, diag_sums = _kernels.dq(
+                static, tiles, *operands, counts, blocks, score, mask, learnt, diag
             )
             dq = dq[:, :, :lq, :d] if perturbed.q else None
-            if learnt:
+            if learnt or diag:
                 partials = [None] * len(score.specs)
                 for i, part in zip(learnt, sums):
                     partials[i] = part
+                if diag:
+                    visited = _visited(bm, static)
+                for i, part in zip(diag, diag_sums):
+                    partials[i] = diagonal_partials(
+                        part, visited, static.lq_pad, score.specs[i]
+                    )
                 grads = reduce_table_grads(partials, score.specs, score.tables)
                 build = lambda m: kernel_mod(
                     m,

@@ -355,8 +355,12 @@ def _dq_kernel(
     score,
     mask,
     learnt,
+    diag,
 ):
-    score_refs, mask_refs, (dq_ref, *row_refs) = _split_refs(refs, score, mask)
+    score_refs, mask_refs, (dq_ref, *out_refs) = _split_refs(refs, score, mask)
+    row_refs = out_refs[: len(learnt)]
+    diag_refs = out_refs[len(learnt) : len(learnt) + len(diag)]
+    scratch = out_refs[-1] if diag else None
     score_t = _TileMod(score, score_refs, static)
     mask_t = _TileMod(mask, mask_refs, static)
     bq, bkv = tiles.block_q, tiles.block_kv
@@ -375,7 +379,8 @@ def _dq_kernel(
 
     def body(j, carry, apply_mask):
         dq, sums = carry
-        k0 = blocks_ref[mb, mh, i, j] * bkv
+        kb = blocks_ref[mb, mh, i, j]
+        k0 = kb * bkv
         k = k_ref[b, hk, pl.ds(k0, bkv), :]
         v = v_ref[b, hk, pl.ds(k0, bkv), :]
         pos = _positions(q0, k0, bq, bkv)
@@ -393,10 +398,12 @@ def _dq_kernel(
             pos,
             static,
             apply_mask,
-            bool(learnt),
+            bool(learnt or diag),
         )
         dq = dq + _dot(ds.astype(k.dtype), k, static)
         sums = tuple(acc + jnp.sum(dvalues[t], axis=1) for acc, t in zip(sums, learnt))
+        for t, ref in zip(diag, diag_refs):
+            ref[b, h, kb, i, :] = _diagonal_sums(dvalues[t], scratch, (b, h, i), static)
         return dq, sums
 
     carry = (
@@ -409,11 +416,46 @@ def _dq_kernel(
         ref[b, h, rows] = x
 
 
-def dq(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask, learnt):
-    """`dQ (B, Hq, Lq_pad, D_pad)` and, for each score-mod table `learnt[t]` (its
-    index in `score.specs`), the per-query-row sums `(B, Hq, Lq_pad)` of its values'
-    cotangents. `lse2` is the log-sum-exp in base 2, `+inf` for fully masked rows;
-    `delta = rowsum(dO * O) - dlse`."""
+def _diagonal_sums(g, scratch, program, static: Static):
+    """The sums of a square tile `g (n, n)` (rows of queries) along its diagonals:
+    entry `x` of the `2n` sums is the diagonal `kv - q = n - x` (entry 0 is empty), as
+    `_reduce.diagonal_partials` takes them. `g` goes through a scratch tile in global
+    memory (`scratch[program]`, of shape `(n, n)`), read back sheared."""
+    n = g.shape[0]
+    scratch[(*program, slice(None), slice(None))] = g
+    if not static.interpret:
+        plt.debug_barrier()  # the tile is written before any thread reads it back
+    r = lax.broadcasted_iota(jnp.int32, (n, 2 * n), 0)
+    c = r + n - lax.broadcasted_iota(jnp.int32, (n, 2 * n), 1)
+    inside = (c >= 0) & (c < n)
+    sheared = jnp.where(inside, scratch[(*program, r, jnp.clip(c, 0, n - 1))], 0.0)
+    if not static.interpret:
+        plt.debug_barrier()  # read by every thread before the next tile overwrites it
+    return jnp.sum(sheared, axis=0)
+
+
+def dq(
+    static,
+    tiles,
+    q,
+    k,
+    v,
+    do,
+    lse2,
+    delta,
+    counts,
+    blocks,
+    score,
+    mask,
+    learnt,
+    diag=(),
+):
+    """`dQ (B, Hq, Lq_pad, D_pad)`; for each score-mod table `learnt[t]` (its index
+    in `score.specs`), the per-query-row sums `(B, Hq, Lq_pad)` of its values'
+    cotangents; for each "diag" table `diag[t]`, the diagonal sums of each 64x64 tile,
+    `(B, Hq, Lkv_pad / 64, Lq_pad / 64, 128)` (see `_diagonal_sums`; tiles not
+    visited hold garbage). `lse2` is the log-sum-exp in base 2, `+inf` for fully
+    masked rows; `delta = rowsum(dO * O) - dlse`."""
     tables = (score.tables if score is not None else ()) + mask.tables
     kernel = ft.partial(
         _dq_kernel,
@@ -422,14 +464,24 @@ def dq(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask, lea
         score=_static(score),
         mask=_static(mask),
         learnt=tuple(learnt),
+        diag=tuple(diag),
     )
-    grid = (static.lq_pad // tiles.block_q, static.hq, static.b)
-    rows = jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad), jnp.float32)
+    mq = static.lq_pad // tiles.block_q
+    grid = (mq, static.hq, static.b)
+    bh = (static.b, static.hq)
+    rows = jax.ShapeDtypeStruct((*bh, static.lq_pad), jnp.float32)
     out_shape = (
-        jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad, static.d), q.dtype),
+        jax.ShapeDtypeStruct((*bh, static.lq_pad, static.d), q.dtype),
         *(rows for _ in learnt),
     )
-    dq_, *sums = _call(
+    if diag:
+        if tiles.block_q != tiles.block_kv:
+            raise ValueError(f"diagonal sums need square tiles, got {tiles}.")
+        n, nkv = tiles.block_q, static.lkv_pad // tiles.block_kv
+        parts = jax.ShapeDtypeStruct((*bh, nkv, mq, 2 * n), jnp.float32)
+        scratch = jax.ShapeDtypeStruct((*bh, mq, n, n), jnp.float32)
+        out_shape = (*out_shape, *(parts for _ in diag), scratch)
+    dq_, *outs = _call(
         kernel,
         grid,
         out_shape,
@@ -446,7 +498,8 @@ def dq(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask, lea
         *tables,
         name="flex_bwd_dq",
     )
-    return dq_, sums
+    sums = outs[: len(learnt)]
+    return dq_, sums, outs[len(learnt) : len(learnt) + len(diag)]
 
 
 def _dkv_kernel(
