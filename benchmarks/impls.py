@@ -517,9 +517,36 @@ class TorchFlex(Impl):
     name = "torch.flex_attention"
     framework = "torch"
 
-    def __init__(self):
+    def __init__(self, tf32: bool = False):
+        """`tf32`: a float32-only variant with TF32 matmuls
+        (`torch.set_float32_matmul_precision("high")` while it compiles and runs);
+        torch's default for float32 is IEEE float32."""
         self._compiled = None
         self.device = None
+        self.tf32 = tf32
+        if tf32:
+            self.name = "torch.flex_attention:tf32"
+
+    def supports(self, case, config):
+        if self.tf32 and config.dtype != "float32":
+            return "a variant for float32 inputs"
+        return None
+
+    def _precision(self, step):
+        """`step` run under this variant's float32 matmul precision."""
+        if not self.tf32:
+            return step
+        import torch
+
+        def run():
+            old = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            try:
+                return step()
+            finally:
+                torch.set_float32_matmul_precision(old)
+
+        return run
 
     def unavailable(self, env):
         try:
@@ -589,7 +616,7 @@ class TorchFlex(Impl):
             with torch.no_grad():
                 return flex(q, k, v, **kwargs)
 
-        return step
+        return self._precision(step)
 
     def make_fwdbwd(self, case, config, ws):
         import torch
@@ -602,7 +629,7 @@ class TorchFlex(Impl):
             out = flex(*leaves[:3], **kwargs)
             return torch.autograd.grad(out, leaves, do)
 
-        return step
+        return self._precision(step)
 
     def sync(self, out):
         torch_sync(out)
@@ -629,6 +656,7 @@ def registry() -> list[Impl]:
             if "triton" in BACKENDS
         ),
         TorchFlex(),
+        TorchFlex(tf32=True),
         JaxNn("cudnn"),
         JaxNn("xla"),
         PallasMha(),
