@@ -14,7 +14,13 @@ import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
 
 
-pytestmark = pytest.mark.gpu
+pytestmark = [
+    pytest.mark.gpu,
+    # Lowering a Pallas kernel through Triton warns on every GPU compile.
+    pytest.mark.filterwarnings(
+        "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"
+    ),
+]
 
 L = 1024
 H = 4
