@@ -143,6 +143,13 @@ def loss(backend, bm, options=None):
     return f
 
 
+class KeyBias(eqx.Module):
+    bias: jax.Array  # (H, Lkv)
+
+    def __call__(self, s, b, h, q, kv):
+        return s + self.bias[h, kv]
+
+
 # Small backward tiles, or the 64x64 ones the diagonal sums need.
 BWD_64 = {k: v for k, v in SMALL.items() if not k.startswith("bwd_")}
 
@@ -169,7 +176,14 @@ GRAD_MODS = {
         True,
     ),
     "t5": (lambda key, h: score_mods.T5RelativeBias(h, 8, 20, key=key), BWD_64, True),
-    # ... or, where the options set other backward tiles, the xla backward.
+    # A per-key table: the dK/dV kernel's per-key sums.
+    "key_bias": (
+        lambda key, h: KeyBias(jax.random.normal(key, (h, 45), jnp.float32)),
+        SMALL,
+        True,
+    ),
+    # Relative-position tables where the options set other backward tiles: the
+    # xla backward.
     "relative_bias_other_tiles": (
         lambda key, h: score_mods.RelativePositionBias(h, 12, key=key),
         SMALL,
@@ -362,10 +376,12 @@ def test_lowers_for_gpus_below_hopper(kind):
         ),
     )
     # Learnt ALiBi slopes (the dQ kernel's row sums), with a relative-position table
-    # (its diagonal sums, on 64x64 tiles: these fit every card at D=64).
+    # (its diagonal sums, on 64x64 tiles: these fit every card at D=64)
     alibi = score_mods.Alibi(jnp.array([0.5, 0.25], jnp.float32))
-    relative = score_mods.compose(
-        alibi, score_mods.RelativePositionBias(h, 64, key=jax.random.key(0))
+    relative = score_mods.compose(  # and a per-key table: the dK/dV kernel's sums
+        alibi,
+        score_mods.RelativePositionBias(h, 64, key=jax.random.key(0)),
+        KeyBias(jnp.zeros((h, lq), jnp.float32)),
     )
     for dtype, d, mod in (
         (jnp.bfloat16, 128, alibi),

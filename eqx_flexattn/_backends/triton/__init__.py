@@ -2,10 +2,12 @@
 every NVIDIA GPU from Ampere (sm80) on, in float16, bfloat16 and float32.
 
 See `_kernels` for the kernels and `_configs` for the choice of tiles. Score-mod
-parameter gradients of tables read per program or per query row (ALiBi slopes, head
-biases, per-query tables) come from the dQ kernel's row sums, reduced in a fixed
-order by `_reduce`; gradients of per-key and relative-position tables run the `xla`
-backward on the forward kernel's output and log-sum-exp.
+parameter gradients come from the kernels, per table kind: the dQ kernel's row sums
+for tables read per program or per query row (ALiBi slopes, head biases), its per-tile
+diagonal sums for relative-position tables (on 64x64 backward tiles), the dK/dV
+kernel's per-key sums for per-key tables; all reduced in a fixed order by `_reduce`
+(no atomics). Where 64x64 backward tiles do not fit the card, the `xla` backward runs
+on the forward kernel's output and log-sum-exp.
 """
 
 from __future__ import annotations
@@ -360,24 +362,23 @@ class TritonBackend(AbstractBackend):
         need_mod = perturbed.score_mod is not None and any(
             jax.tree_util.tree_leaves(perturbed.score_mod)
         )
-        learnt = diag = ()
+        rows = cols = diag = ()  # float tables by how the kernels sum them
         if need_mod:
             specs = kernel_mod_specs(problem.score_mod)
             floats = [
                 i for i, s in enumerate(specs) if jnp.issubdtype(s.dtype, jnp.floating)
             ]
-            learnt = tuple(i for i in floats if specs[i].kind in ("scalar", "q"))
+            rows = tuple(i for i in floats if specs[i].kind in ("scalar", "q"))
+            cols = tuple(i for i in floats if specs[i].kind == "kv")
             diag = tuple(i for i in floats if specs[i].kind == "diag")
-        reason = None
-        if any(specs[i].kind == "kv" for i in floats) if need_mod else False:
-            reason = "gradients of per-key score-mod tables are not in the kernels"
-        else:
-            try:
-                plan = _plan(problem, self.config(problem), bool(diag))
-            except NotImplementedError as e:
-                reason = f"for relative-position table gradients, {e}"
-        if reason is not None:
-            logger.debug("triton backward: the xla backward runs: %s", reason)
+        try:
+            plan = _plan(problem, self.config(problem), bool(diag))
+        except NotImplementedError as e:
+            logger.debug(
+                "triton backward: the xla backward runs: for relative-position "
+                "table gradients, %s",
+                e,
+            )
             return XlaBackend().backward(problem, out, lse, dout, dlse, perturbed)
         if dout is None:
             dout = jnp.zeros_like(out)
@@ -396,42 +397,44 @@ class TritonBackend(AbstractBackend):
         q, k, v, do = _padded(problem, static, dout)
         score, mask = _mods(problem, static)
         operands = (q, k, v, do, lse2, delta)
+        bm = _mask_at(problem, tiles)
+        partials = [None] * (len(score.specs) if score is not None else 0)
         dq = dk = dv_ = dmod = None
-        if perturbed.q or learnt or diag:
-            bm = _mask_at(problem, tiles)
+        if perturbed.q or rows or diag:
             counts, blocks = _lists(bm)
-            dq, sums, diag_sums = _kernels.dq(
-                static, tiles, *operands, counts, blocks, score, mask, learnt, diag
+            dq, row_sums, diag_sums = _kernels.dq(
+                static, tiles, *operands, counts, blocks, score, mask, rows, diag
             )
             dq = dq[:, :, :lq, :d] if perturbed.q else None
-            if learnt or diag:
-                partials = [None] * len(score.specs)
-                for i, part in zip(learnt, sums):
-                    partials[i] = part
-                if diag:
-                    visited = _visited(bm, static)
-                for i, part in zip(diag, diag_sums):
-                    partials[i] = diagonal_partials(
-                        part, visited, static.lq_pad, score.specs[i]
-                    )
-                grads = reduce_table_grads(partials, score.specs, score.tables)
-                build = lambda m: kernel_mod(
-                    m,
-                    static.b,
-                    static.hq,
-                    lq,
-                    lkv,
-                    lq_pad=static.lq_pad,
-                    lkv_pad=static.lkv_pad,
+            for i, part in zip(rows, row_sums):
+                partials[i] = part
+            if diag:
+                visited = _visited(bm, static)
+            for i, part in zip(diag, diag_sums):
+                partials[i] = diagonal_partials(
+                    part, visited, static.lq_pad, score.specs[i]
                 )
-                dmod = table_vjp(build, problem.score_mod, grads)
-        if perturbed.k or perturbed.v:
-            counts, blocks = _lists(_mask_at(problem, tiles), transposed=True)
-            dk, dv_ = _kernels.dkv(
-                static, tiles, *operands, counts, blocks, score, mask
+        if perturbed.k or perturbed.v or cols:
+            counts, blocks = _lists(bm, transposed=True)
+            dk, dv_, col_sums = _kernels.dkv(
+                static, tiles, *operands, counts, blocks, score, mask, cols
             )
             dk = dk[:, :, :lkv, :d] if perturbed.k else None
             dv_ = dv_[:, :, :lkv, :dv] if perturbed.v else None
+            for i, part in zip(cols, col_sums):
+                partials[i] = part
+        if need_mod:
+            grads = reduce_table_grads(partials, score.specs, score.tables)
+            build = lambda m: kernel_mod(
+                m,
+                static.b,
+                static.hq,
+                lq,
+                lkv,
+                lq_pad=static.lq_pad,
+                lkv_pad=static.lkv_pad,
+            )
+            dmod = table_vjp(build, problem.score_mod, grads)
         return grads_like(problem, dq, dk, dv_, dmod)
 
 

@@ -516,8 +516,9 @@ def _dkv_kernel(
     tiles,
     score,
     mask,
+    learnt,
 ):
-    score_refs, mask_refs, (dk_ref, dv_ref) = _split_refs(refs, score, mask)
+    score_refs, mask_refs, (dk_ref, dv_ref, *col_refs) = _split_refs(refs, score, mask)
     score_t = _TileMod(score, score_refs, static)
     mask_t = _TileMod(mask, mask_refs, static)
     bq, bkv = tiles.block_q, tiles.block_kv
@@ -533,7 +534,7 @@ def _dkv_kernel(
         mh = h if static.mask_head else 0
 
         def body(j, carry, apply_mask):
-            dk, dv = carry
+            dk, dv, sums = carry
             q0 = blocks_ref[mb, mh, n, j] * bq
             rows = pl.ds(q0, bq)
             q = q_ref[b, h, rows, :]
@@ -541,7 +542,7 @@ def _dkv_kernel(
             lse2 = lse_ref[b, h, rows]
             delta = delta_ref[b, h, rows]
             pos = _positions(q0, k0, bq, bkv, transposed=True)
-            p, ds, _ = _tile_grads(
+            p, ds, dvalues = _tile_grads(
                 q,
                 k,
                 v,
@@ -555,16 +556,23 @@ def _dkv_kernel(
                 pos,
                 static,
                 apply_mask,
-                False,
+                bool(learnt),
                 transposed=True,
             )
             dv = dv + _dot(p.astype(do.dtype), do, static)
             dk = dk + _dot(ds.astype(q.dtype), q, static)
-            return dk, dv
+            sums = tuple(
+                acc + jnp.sum(dvalues[t], axis=1) for acc, t in zip(sums, learnt)
+            )
+            return dk, dv, sums
 
         n_full = counts_ref[mb, mh, n, 0]
         n_all = counts_ref[mb, mh, n, 1]
-        return _list_loops(n_full, n_all, body, carry)
+        zeros = tuple(jnp.zeros((bkv,), jnp.float32) for _ in learnt)
+        dk, dv, sums = _list_loops(n_full, n_all, body, (*carry, zeros))
+        for ref, x in zip(col_refs, sums):  # this query head's per-key sums
+            ref[b, h, cols] = x
+        return dk, dv
 
     carry = (
         jnp.zeros((bkv, static.d), jnp.float32),
@@ -575,10 +583,14 @@ def _dkv_kernel(
     dv_ref[b, hk, cols, :] = dv.astype(dv_ref.dtype)
 
 
-def dkv(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask):
+def dkv(
+    static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask, learnt=()
+):
     """`(dK, dV)` (padded like `k`, `v`) from the transposed block lists `counts
     (B|1, H|1, Nkv, 2)` and `blocks (B|1, H|1, Nkv, M)` (query blocks of each key
-    block, full first) at the kernel's tiles."""
+    block, full first) at the kernel's tiles; and, for each per-key score-mod table
+    `learnt[t]` (its index in `score.specs`), the per-key sums `(B, Hq, Lkv_pad)` of
+    its values' cotangents."""
     tables = (score.tables if score is not None else ()) + mask.tables
     kernel = ft.partial(
         _dkv_kernel,
@@ -586,13 +598,16 @@ def dkv(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask):
         tiles=tiles,
         score=_static(score),
         mask=_static(mask),
+        learnt=tuple(learnt),
     )
     grid = (static.lkv_pad // tiles.block_kv, static.hkv, static.b)
+    cols = jax.ShapeDtypeStruct((static.b, static.hq, static.lkv_pad), jnp.float32)
     out_shape = (
         jax.ShapeDtypeStruct(k.shape, k.dtype),
         jax.ShapeDtypeStruct(v.shape, v.dtype),
+        *(cols for _ in learnt),
     )
-    return _call(
+    dk, dv, *sums = _call(
         kernel,
         grid,
         out_shape,
@@ -609,3 +624,4 @@ def dkv(static, tiles, q, k, v, do, lse2, delta, counts, blocks, score, mask):
         *tables,
         name="flex_bwd_dkv",
     )
+    return dk, dv, sums
