@@ -223,12 +223,21 @@ def _only_masks(case: Case, config: Config, masks: tuple) -> str | None:
 class EqxFlex(JaxImpl):
     """eqx_flexattn.flex_attention with one backend of `eqx_flexattn._backends`."""
 
-    def __init__(self, backend: str, kernel_options: dict | None = None):
+    def __init__(
+        self,
+        backend: str,
+        kernel_options: dict | None = None,
+        variant: str = "",
+        dtypes: tuple[str, ...] | None = None,
+    ):
         self.backend = backend
         self.kernel_options = kernel_options
-        self.name = f"eqx_flexattn.{backend}"
+        self.name = f"eqx_flexattn.{backend}" + (f":{variant}" if variant else "")
+        self.dtypes = dtypes  # None: every dtype
 
     def supports(self, case, config):
+        if self.dtypes is not None and config.dtype not in self.dtypes:
+            return f"a variant for {', '.join(self.dtypes)} inputs"
         if self.backend == "reference":
             size = config.B * config.Hq * config.Lq * config.Lkv
             if size > DENSE_REFERENCE_MAX:
@@ -508,9 +517,36 @@ class TorchFlex(Impl):
     name = "torch.flex_attention"
     framework = "torch"
 
-    def __init__(self):
+    def __init__(self, tf32: bool = False):
+        """`tf32`: a float32-only variant with TF32 matmuls
+        (`torch.set_float32_matmul_precision("high")` while it compiles and runs);
+        torch's default for float32 is IEEE float32."""
         self._compiled = None
         self.device = None
+        self.tf32 = tf32
+        if tf32:
+            self.name = "torch.flex_attention:tf32"
+
+    def supports(self, case, config):
+        if self.tf32 and config.dtype != "float32":
+            return "a variant for float32 inputs"
+        return None
+
+    def _precision(self, step):
+        """`step` run under this variant's float32 matmul precision."""
+        if not self.tf32:
+            return step
+        import torch
+
+        def run():
+            old = torch.get_float32_matmul_precision()
+            torch.set_float32_matmul_precision("high")
+            try:
+                return step()
+            finally:
+                torch.set_float32_matmul_precision(old)
+
+        return run
 
     def unavailable(self, env):
         try:
@@ -580,7 +616,7 @@ class TorchFlex(Impl):
             with torch.no_grad():
                 return flex(q, k, v, **kwargs)
 
-        return step
+        return self._precision(step)
 
     def make_fwdbwd(self, case, config, ws):
         import torch
@@ -593,7 +629,7 @@ class TorchFlex(Impl):
             out = flex(*leaves[:3], **kwargs)
             return torch.autograd.grad(out, leaves, do)
 
-        return step
+        return self._precision(step)
 
     def sync(self, out):
         torch_sync(out)
@@ -613,7 +649,14 @@ def registry() -> list[Impl]:
     ours = sorted(BACKENDS, key=lambda n: (n == "reference", n))
     return [
         *(EqxFlex(n) for n in ours),
+        # float32 at full precision (JAX's default on GPUs is TF32).
+        *(
+            EqxFlex("triton", {"triton": {"f32_precision": p}}, p, ("float32",))
+            for p in ("tf32x3", "ieee")
+            if "triton" in BACKENDS
+        ),
         TorchFlex(),
+        TorchFlex(tf32=True),
         JaxNn("cudnn"),
         JaxNn("xla"),
         PallasMha(),

@@ -85,6 +85,9 @@ CONFIGS: dict[str, Config] = {
         Config("gqa", 2, 32, 8, 8192, 8192, 128, "bfloat16"),
         Config("decode1", 8, 16, 16, 1, 32768, 128, "bfloat16", backward=False),
         Config("decode16", 8, 16, 16, 16, 32768, 128, "bfloat16", backward=False),
+        # float32 inputs (TF32 matmuls by default on GPUs): the seed's own example.
+        Config("seed-f32", 8, 8, 8, 2048, 2048, 64, "float32"),
+        Config("L8k-f32", 4, 16, 16, 8192, 8192, 128, "float32"),
         # Tiny shapes for --quick on a CPU.
         Config("tiny", 1, 2, 2, 256, 256, 32, "float32"),
         Config("tiny-gqa", 1, 4, 2, 256, 256, 32, "float32"),
@@ -144,6 +147,26 @@ class Preset:
 
 
 HEADLINE = ("eqx_flexattn.*", "torch.*", "jax.nn.cudnn")
+TRITON_IMPLS = ("eqx_flexattn.triton*", "torch.flex_attention*")
+TRITON_CASES = (  # the goal's cases, the most telling first
+    "causal",
+    "checkerboard",
+    "alibi+causal",
+    "softcap+causal",
+    "sliding_window",
+    "document",
+    "prefix_lm",
+    "alibi+causal:learnable",
+    "relative_bias",
+    "relative_bias:learnable",
+)
+FLOAT32_CASES = (
+    "causal",
+    "alibi+causal",
+    "softcap+causal",
+    "sliding_window",
+    "document",
+)
 
 PRESETS: dict[str, Preset] = {
     "full": Preset(
@@ -174,6 +197,25 @@ PRESETS: dict[str, Preset] = {
         time_limit=60.0,
         max_seconds=390.0,
         shares=(0.32, 0.36, 0.09, 0.07, 0.04, 0.04, 0.08),
+    ),
+    # The `triton` backend's goal on one H100/H200 (about 5 minutes of measuring):
+    # beside torch flex, the seed and L8k cases in half precision with learnable
+    # parameters, and float32 at TF32, 3xTF32 and IEEE beside torch's IEEE default
+    # and its TF32 variant.
+    "triton": Preset(
+        plan=(
+            Entry("seed", TRITON_CASES, TRITON_IMPLS),
+            Entry("L8k", TRITON_CASES, TRITON_IMPLS),
+            Entry("seed-f32", FLOAT32_CASES, TRITON_IMPLS),
+            Entry("L8k-f32", FLOAT32_CASES, TRITON_IMPLS),
+        ),
+        iters=10,
+        warmup=1,
+        timed_seconds=0.5,
+        time_limit=45.0,
+        max_seconds=300.0,
+        shares=(0.36, 0.36, 0.12, 0.16, 0.0),
+        mask_lengths=(),
     ),
     "quick": Preset(
         plan=(

@@ -95,11 +95,12 @@ def interpret_options(name: str) -> dict:
 
 
 def decline_reason(name: str) -> str | None:
-    """Why backend `name` declines a small float32 problem here (None: it accepts)."""
+    """Why backend `name` declines a small float64 problem here, the dtype of the
+    shared tests (None: it accepts)."""
     from eqx_flexattn._attention import _problem
     from eqx_flexattn._backends import BACKENDS
 
-    q = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.float32)
+    q = jax.ShapeDtypeStruct((1, 2, 128, 64), jnp.float64)
     found = []
 
     def probe(q):

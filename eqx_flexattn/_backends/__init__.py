@@ -86,7 +86,13 @@ register(
     "jax >= 0.11 with CUDA (`pip install -U 'jax[cuda12]'`; jax 0.11 needs Python "
     ">= 3.12)",
 )
-# register("triton", ".triton", "TritonBackend")  # other NVIDIA GPUs
+register(
+    "triton",
+    ".triton",
+    "TritonBackend",
+    needs="an NVIDIA GPU of compute capability 8.0 (Ampere) or newer and jax "
+    "with CUDA (`pip install -U 'jax[cuda12]'`)",
+)
 register("xla", ".xla", "XlaBackend")
 register("reference", ".reference", "ReferenceBackend", auto=False)
 
