@@ -222,7 +222,7 @@ def test_unavailable_mosaic_says_what_it_needs(monkeypatch, getkey):
         "backend: none (flex_attention(..., backend='mosaic') raises "
         "NotImplementedError)"
     )
-    assert "other: xla: accepts these inputs" in lines[2]
+    assert any(line.startswith("other: xla: accepts these inputs") for line in lines)
     with pytest.raises(NotImplementedError) as info:
         fa.flex_attention(q, k, v, backend="mosaic")
     message = str(info.value)
