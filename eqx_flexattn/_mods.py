@@ -528,6 +528,21 @@ class KernelMod(eqx.Module):
         values = [jnp.asarray(x).astype(s.dtype) for x, s in zip(values, self.specs)]
         return jnp.vectorize(self._fn)(*args, *values)
 
+    def apply_tile(self, *args_and_values):
+        """`apply` inside a kernel: every array argument has the tile's shape (the
+        kernel broadcasts rows and columns itself), the others are scalars."""
+        n = len(args_and_values) - len(self.specs)
+        args = list(args_and_values[:n]) + [
+            x.astype(s.dtype) for x, s in zip(args_and_values[n:], self.specs)
+        ]
+        axes = [0 if jnp.ndim(x) else None for x in args]
+        if all(a is None for a in axes):
+            return self._fn(*args)
+        fn = self._fn
+        for _ in range(max(jnp.ndim(x) for x in args)):
+            fn = jax.vmap(fn, in_axes=axes)
+        return fn(*args)
+
     def _fn(self, *args):
         apply = self.split.apply
         return jax.core.eval_jaxpr(apply.jaxpr, apply.consts, *args)[0]
