@@ -11,7 +11,6 @@ keys are merged exactly with `merge_attention`.
 from __future__ import annotations
 
 import dataclasses
-import functools as ft
 import math
 from collections.abc import Callable
 from typing import Any
@@ -290,7 +289,7 @@ def _ring_perm(plan: _Plan):
     return [(j, (j + 1) % plan.ring) for j in range(plan.ring)]
 
 
-def _source(plan: _Plan, step: int):
+def _source(plan: _Plan, step):
     return (jax.lax.axis_index(plan.axis_name) - step) % plan.ring
 
 
@@ -309,35 +308,38 @@ def _empty(q, v):
 
 
 def _ring_forward(plan, impl, q, k, v, smod, shard):
-    """Ring attention, forward: K/V chunks travel one device per step (the transfer
-    of the next chunk is issued before this step's blocks, so the two overlap);
-    chunks with no block to compute are skipped; partial results merge exactly."""
+    """Ring attention, forward: K/V chunks travel one device per step, the transfer
+    of the next chunk issued before this step's blocks so that the two overlap;
+    chunks with no block to compute are skipped; partial results merge exactly.
+    Steps `0 .. P-2` run in a loop (one compiled step however long the ring), the
+    last one after it (it sends nothing on)."""
     perm = _ring_perm(plan)
-    out, lse = _empty(q, v)
-    for step in range(plan.ring):
-        if step + 1 < plan.ring:
-            k_next, v_next = jax.lax.ppermute((k, v), plan.axis_name, perm)
+
+    def attend(step, k, v, out, lse):
         source = _source(plan, step)
         partial = _columns(plan, shard.partial, source)
         full = _columns(plan, shard.full, source)
 
-        def compute(k, v, partial, full, source=source):
+        def compute(k, v, partial, full):
             problem = _step_problem(plan, q, k, v, smod, shard, source, partial, full)
-            o, l = _run(impl, problem)
-            return o.astype(out.dtype), l.astype(lse.dtype)
+            o, part_lse = _run(impl, problem)
+            return o.astype(out.dtype), part_lse.astype(lse.dtype)
 
-        o, l = jax.lax.cond(
-            jnp.any(partial | full),
-            compute,
-            lambda *_: _empty(q, v),
-            k,
-            v,
-            partial,
-            full,
+        active = jnp.any(partial | full)
+        o, part_lse = jax.lax.cond(
+            active, compute, lambda *_: _empty(q, v), k, v, partial, full
         )
-        out, lse = merge_attention(jnp.stack([out, o]), jnp.stack([lse, l]))
-        if step + 1 < plan.ring:
-            k, v = k_next, v_next
+        return merge_attention(jnp.stack([out, o]), jnp.stack([lse, part_lse]))
+
+    def step(i, carry):
+        k, v, out, lse = carry
+        k_next, v_next = jax.lax.ppermute((k, v), plan.axis_name, perm)
+        out, lse = attend(i, k, v, out, lse)
+        return k_next, v_next, out, lse
+
+    out, lse = _empty(q, v)
+    k, v, out, lse = jax.lax.fori_loop(0, plan.ring - 1, step, (k, v, out, lse))
+    out, lse = attend(plan.ring - 1, k, v, out, lse)
     return out.astype(q.dtype), lse
 
 
@@ -378,11 +380,13 @@ def _fill(grads, like):
 
 @_ring.def_bwd
 def _ring_bwd(residuals, grads, perturbed, diff, plan, impl, shard):
-    """The reverse ring: K/V travel as in the forward pass, each with the running
-    dK/dV of its chunk; one last hop brings dK/dV home. Each step's gradients come
-    from the backend's fused backward pass with the merged (out, lse), which is the
-    exact gradient of that step's blocks. Score-mod parameter gradients stay
-    per-device partials; `shard_map` sums them over devices (a `psum`)."""
+    """The reverse ring: K/V travel as in the forward pass (the next chunk fetched
+    while this one computes), and the partial dK/dV of a chunk travel behind it,
+    each device adding its contribution (that transfer overlaps the next step's
+    blocks); one last hop brings dK/dV home. A step's gradients come from the
+    backend's fused backward pass given the merged (out, lse): exactly that step's
+    share. Score-mod parameter gradients stay per-device partials, summed over
+    devices by `shard_map` (a `psum`)."""
     del perturbed
     out, lse = residuals
     dout, dlse = grads
@@ -390,38 +394,59 @@ def _ring_bwd(residuals, grads, perturbed, diff, plan, impl, shard):
     dout = jnp.zeros_like(out) if dout is None else dout
     dlse = jnp.zeros_like(lse) if dlse is None else dlse
     perm = _ring_perm(plan)
-    dq = jnp.zeros(q.shape, lse.dtype)
-    dk = jnp.zeros(k.shape, lse.dtype)
-    dv = jnp.zeros(v.shape, lse.dtype)
-    dmod = _zeros_for(smod)
-    for step in range(plan.ring):
-        if step > 0:
-            k, v, dk, dv = jax.lax.ppermute((k, v, dk, dv), plan.axis_name, perm)
+    acc = lse.dtype
+    send = lambda x: jax.lax.ppermute(x, plan.axis_name, perm)
+
+    def grads_of(step, k, v):
         source = _source(plan, step)
         partial = _columns(plan, shard.partial, source)
         full = _columns(plan, shard.full, source)
 
-        def compute(k, v, partial, full, source=source):
+        def compute(k, v, partial, full):
             build = lambda d: _step_problem(plan, *d, shard, source, partial, full)
             problem, pull = eqx.filter_vjp(build, (q, k, v, smod))
             want = jax.tree_util.tree_map(eqx.is_inexact_array, problem)
             g = impl.backward(problem, out, lse, dout, dlse, want)
-            (gq, gk, gv, gm) = pull(_fill(g, problem))[0]
-            return gq, gk, gv, _fill(gm, smod)
+            gq, gk, gv, gm = pull(_fill(g, problem))[0]
+            return _wide((gq, gk, gv, _fill(gm, smod)), acc)
 
         def skip(k, v, partial, full):
-            return _zeros_for((q, k, v, smod))
+            return _wide(_zeros_for((q, k, v, smod)), acc)
 
-        gq, gk, gv, gm = jax.lax.cond(
-            jnp.any(partial | full), compute, skip, k, v, partial, full
-        )
-        dq = dq + gq.astype(dq.dtype)
-        dk = dk + gk.astype(dk.dtype)
-        dv = dv + gv.astype(dv.dtype)
-        dmod = jax.tree_util.tree_map(lambda a, b: a + b, dmod, gm)
+        active = jnp.any(partial | full)
+        return jax.lax.cond(active, compute, skip, k, v, partial, full)
+
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+
+    def step(i, carry, prefetch=True):
+        k, v, k_next, v_next, dk, dv, dq, dmod = carry
+        k, v = k_next, v_next  # the chunk of step i, fetched during step i - 1
+        if prefetch:
+            k_next, v_next = send((k, v))
+        dk, dv = send((dk, dv))  # this chunk's dK/dV so far, from the device before
+        gq, gk, gv, gm = grads_of(i, k, v)
+        return k, v, k_next, v_next, dk + gk, dv + gv, dq + gq, add(dmod, gm)
+
+    k_next, v_next = send((k, v)) if plan.ring > 1 else (k, v)
+    dq, dk, dv, dmod = grads_of(0, k, v)
+    carry = (k, v, k_next, v_next, dk, dv, dq, dmod)
+    if plan.ring > 2:
+        carry = jax.lax.fori_loop(1, plan.ring - 1, step, carry)
     if plan.ring > 1:
-        dk, dv = jax.lax.ppermute((dk, dv), plan.axis_name, perm)
+        carry = step(plan.ring - 1, carry, prefetch=False)
+        *_, dk, dv, dq, dmod = carry
+        dk, dv = send((dk, dv))  # home
+    dmod = jax.tree_util.tree_map(
+        lambda g, p: g.astype(p.dtype), dmod, _zeros_for(smod)
+    )
     return (q_like(dq, q), q_like(dk, k), q_like(dv, v), dmod)
+
+
+def _wide(tree, acc):
+    """Gradients accumulated in the accumulator dtype (or wider)."""
+    return jax.tree_util.tree_map(
+        lambda g: g.astype(jnp.promote_types(g.dtype, acc)), tree
+    )
 
 
 def q_like(g, x):
@@ -456,11 +481,12 @@ def _mesh_axis(mesh: Mesh, name: str | None, what: str) -> int:
     if name is None:
         return 1
     if not isinstance(name, str):
-        raise TypeError(f"`{what}` must be a mesh axis name (str) or None, got {name!r}.")
+        raise TypeError(
+            f"`{what}` must be a mesh axis name (str) or None, got {name!r}."
+        )
     if name not in mesh.shape:
         raise ValueError(
-            f"`{what}`={name!r} is not an axis of the mesh (axes: "
-            f"{tuple(mesh.shape)})."
+            f"`{what}`={name!r} is not an axis of the mesh (axes: {tuple(mesh.shape)})."
         )
     return mesh.shape[name]
 
@@ -500,7 +526,9 @@ def sharded_attention(
 ):
     """The implementation of `context_parallel.flex_attention` (see there)."""
     if not isinstance(mesh, Mesh):
-        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+        raise TypeError(
+            f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}."
+        )
     if strategy not in STRATEGIES:
         raise ValueError(f"`strategy` must be one of {STRATEGIES}, got {strategy!r}.")
     if layout not in LAYOUTS:
@@ -530,7 +558,7 @@ def sharded_attention(
         seq = block_mask.seq_lengths[0]
         if ring == 1:
             raise ValueError("layout='balanced' needs `axis_name` (a sequence axis).")
-    if k.shape[2] != q.shape[2]:
+    if ring > 1 and k.shape[2] != q.shape[2]:
         raise ValueError(
             "context_parallel.flex_attention is self-attention over one sequence: "
             f"query and key must have the same length, got Lq={q.shape[2]} and "
@@ -539,7 +567,13 @@ def sharded_attention(
     # The single-device checks, and the mods converted, on the natural shapes.
     view = lambda x: x[:, :, :seq]
     problem = _attention._problem(
-        view(q), view(k), view(v), score_mod, block_mask, scale, enable_gqa,
+        view(q),
+        view(k),
+        view(v),
+        score_mod,
+        block_mask,
+        scale,
+        enable_gqa,
         kernel_options,
     )
     _, array_scale = _attention._check_scale(scale, q.shape[-1])
@@ -548,7 +582,11 @@ def sharded_attention(
         q = (q.astype(acc) * array_scale.astype(acc)).astype(q.dtype)
     b, hq, _, _ = q.shape
     hkv = k.shape[1]
-    for n, size, what in ((nb, b, "batch size B"), (nh, hq, "query heads Hq"), (nh, hkv, "key/value heads Hkv")):
+    for n, size, what in (
+        (nb, b, "batch size B"),
+        (nh, hq, "query heads Hq"),
+        (nh, hkv, "key/value heads Hkv"),
+    ):
         if size % n:
             raise ValueError(
                 f"The {what}={size} must be a multiple of the mesh axis it is sharded "
@@ -556,7 +594,10 @@ def sharded_attention(
             )
     bm = problem.block_mask
     smod, mmod = problem.score_mod, problem.mask_mod
-    uses = [(False,) * 4 if m is None else _uses(m, mask) for m, mask in ((smod, False), (mmod, True))]
+    uses = [
+        (False,) * 4 if m is None else _uses(m, mask)
+        for m, mask in ((smod, False), (mmod, True))
+    ]
     plan_kw = dict(
         axis_name=axis_name,
         batch_axis=batch_axis,
@@ -578,13 +619,21 @@ def sharded_attention(
     qspec = PartitionSpec(bspec, hspec, axis_name, None)
     rep = lambda tree: jax.tree_util.tree_map(lambda _: PartitionSpec(), tree)
     mb, mh = bm.kv_num_blocks.shape[:2]
-    bmspec = (bspec if mb == b and mb > 1 else None, hspec if mh == hq and mh > 1 else None)
+    bmspec = (
+        bspec if mb == b and mb > 1 else None,
+        hspec if mh == hq and mh > 1 else None,
+    )
 
     if ring == 1:
         plan = _Plan(strategy="local", padded=seq, **plan_kw)
         arrays, static = eqx.partition(bm, eqx.is_array)
         bm_specs = jax.tree_util.tree_map(lambda _: PartitionSpec(*bmspec), arrays)
-        bm_specs = eqx.tree_at(lambda t: t.mask_arrays, bm_specs, rep(arrays.mask_arrays), is_leaf=lambda x: x is None)
+        bm_specs = eqx.tree_at(
+            lambda t: t.mask_arrays,
+            bm_specs,
+            rep(arrays.mask_arrays),
+            is_leaf=lambda x: x is None,
+        )
 
         smod_arrays, smod_static = eqx.partition(smod, eqx.is_array)
 
@@ -663,3 +712,46 @@ def _padded_states(bm: BlockMask, plan: _Plan):
     partial = partial | (full & ragged)
     full = full & ~ragged
     return partial, full
+
+
+def ring_schedule(
+    block_mask: BlockMask, num_devices: int, layout: str = "natural"
+) -> np.ndarray:
+    """Which ring steps compute: a bool array `(num_devices, num_devices)`, True where
+    device `i` at step `s` (holding the keys of device `(i - s) % P`) has a block to
+    compute; the ring skips the others. Needs a concrete block mask."""
+    unit = math.lcm(*block_mask.block_size)
+    chunks = num_devices * (2 if layout == "balanced" else 1)
+    length = block_mask.seq_lengths[0]
+    plan = _Plan(
+        axis_name=None,
+        batch_axis=None,
+        head_axis=None,
+        ring=num_devices,
+        strategy="ring",
+        layout=layout,
+        length=length,
+        padded=padded_length(length, chunks, unit),
+        block_size=block_mask.block_size,
+        batch_shards=1,
+        head_shards=1,
+        scale=1.0,
+        enable_gqa=False,
+        kernel_options=(),
+        backend="auto",
+        shift_b=False,
+        shift_h=False,
+    )
+    partial, full = _padded_states(block_mask, plan)
+    some = np.asarray(jnp.any(partial | full, axis=(0, 1)))  # (Mq, N)
+    rows = plan.chunk // plan.block_size[0]
+    schedule = np.zeros((num_devices, num_devices), bool)
+    for i in range(num_devices):
+        mine = np.concatenate(
+            [some[c * rows : (c + 1) * rows] for c in plan.chunks_of(i)]
+        )
+        for s in range(num_devices):
+            schedule[i, s] = _columns(
+                plan, jnp.asarray(mine), (i - s) % num_devices
+            ).any()
+    return schedule

@@ -128,12 +128,12 @@ class ScalarMod(eqx.Module):
         )
 
 
-def _run(fn: Callable, *args) -> jax.Array:
+def _run(fn: Callable, *args):
     """Runs a closure-converted mod on scalars. Its traced program is evaluated
     directly: Equinox's check of the arguments compares their shardings too, and
     inside `shard_map` those differ from the example arguments it was traced with."""
     if hasattr(fn, "jaxpr") and hasattr(fn, "consts"):
-        return jax.core.eval_jaxpr(fn.jaxpr, fn.consts, *args)[0]
+        return jnp.asarray(jax.core.eval_jaxpr(fn.jaxpr, fn.consts, *args)[0])
     return getattr(fn, "fn", fn)(*args)
 
 

@@ -32,9 +32,9 @@ from ._merge import merge_attention as merge_attention
 
 
 def flex_attention(
-    query: Float[Array, "b hq l d"],
-    key: Float[Array, "b hkv l d"],
-    value: Float[Array, "b hkv l dv"],
+    query: Float[Array, "b hq lq d"],
+    key: Float[Array, "b hkv lkv d"],
+    value: Float[Array, "b hkv lkv dv"],
     score_mod: Callable | None = None,
     block_mask: BlockMask | None = None,
     *,
@@ -49,7 +49,10 @@ def flex_attention(
     return_lse: bool = False,
     backend: str = "auto",
     kernel_options: dict[str, Any] | None = None,
-) -> Float[Array, "b hq l dv"] | tuple[Float[Array, "b hq l dv"], Float[Array, "b hq l"]]:
+) -> (
+    Float[Array, "b hq lq dv"]
+    | tuple[Float[Array, "b hq lq dv"], Float[Array, "b hq lq"]]
+):
     """[`eqx_flexattn.flex_attention`][] sharded over the devices of `mesh`.
 
     Each device runs the chosen backend on its own shard (inside `jax.shard_map`):
@@ -85,8 +88,9 @@ def flex_attention(
     **Returns:** as `flex_attention`, sharded like `query` (in the balanced order
     with `layout="balanced"`).
 
-    Call it inside `jax.jit`. Lq must equal Lkv with `axis_name`; the block mask's
-    block size must divide the chunk (`to_balanced(..., block_size=)` pads so).
+    Call it inside `jax.jit`. With `axis_name`, Lq must equal Lkv (self-attention),
+    and the block mask's block size must divide the chunk (`to_balanced(...,
+    block_size=)` pads so; the natural layout pads inside).
 
     !!! Example
 
