@@ -184,7 +184,7 @@ def _offsets(plan: _Plan, b_local: int, h_local: int):
 def _local_mods(plan, smod, mmod, b0, h0, q_pos, kv_pos):
     """The score and mask mods of a local problem (the global ones when nothing needs
     translating)."""
-    length = None if plan.ring == 1 else plan.length
+    length = None if plan.strategy == "local" else plan.length
 
     def wrap(mod, mask):
         if mod is None or (b0 is None and h0 is None and q_pos is None):
@@ -556,9 +556,9 @@ def sharded_attention(
                 "full attention): it says how long the sequence is."
             )
         seq = block_mask.seq_lengths[0]
-        if ring == 1:
+        if axis_name is None:
             raise ValueError("layout='balanced' needs `axis_name` (a sequence axis).")
-    if ring > 1 and k.shape[2] != q.shape[2]:
+    if axis_name is not None and k.shape[2] != q.shape[2]:
         raise ValueError(
             "context_parallel.flex_attention is self-attention over one sequence: "
             f"query and key must have the same length, got Lq={q.shape[2]} and "
@@ -624,7 +624,9 @@ def sharded_attention(
         hspec if mh == hq and mh > 1 else None,
     )
 
-    if ring == 1:
+    # One device on the sequence axis runs the single-device call, unless a strategy
+    # (or layout) asks for the context-parallel machinery: a ring of one.
+    if ring == 1 and strategy == "auto" and layout == "natural":
         plan = _Plan(strategy="local", padded=seq, **plan_kw)
         arrays, static = eqx.partition(bm, eqx.is_array)
         bm_specs = jax.tree_util.tree_map(lambda _: PartitionSpec(*bmspec), arrays)

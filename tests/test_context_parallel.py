@@ -394,3 +394,65 @@ def test_merge_errors():
         fa.merge_attention([jnp.zeros((3, 4))] * 2, [jnp.zeros(3)] * 3)
     with pytest.raises(TypeError, match="non-empty sequence"):
         fa.merge_attention([], [])
+
+
+@pytest.mark.skipif(
+    jax.__version_info__ < (0, 11),
+    reason="the Mosaic GPU interpreter needs jax >= 0.11",
+)
+def test_mosaic_kernels_under_shard_map_interpreted():
+    """The Mosaic kernels (interpreted) as the ring's local backend: a ring of one
+    device in the balanced layout (two chunks, so the local mods translate two
+    segments of positions), ragged length, causal + ALiBi, bfloat16, against the
+    float32 reference. (Mosaic GPU's interpreter simulates one device: on a mesh of
+    several CPU devices running at once it mixes up their barriers.)"""
+    length, block = 200, 64
+    mesh = _mesh((1,), ("seq",))
+    ks = jax.random.split(jax.random.key(5), 3)
+    q, k, v = (
+        jax.random.normal(x, (1, 2, length, 64), jnp.float32).astype(jnp.bfloat16)
+        for x in ks
+    )
+    bm = fa.create_block_mask(
+        fa.masks.causal_mask, None, None, length, length, block_size=block
+    )
+    alibi = fa.score_mods.generate_alibi_bias(2)
+
+    def sharded(q, k, v, mod):
+        q, k, v = (cp.to_balanced(x, 1, block_size=block) for x in (q, k, v))
+        out, lse = cp.flex_attention(
+            q, k, v, mod, bm, mesh=mesh, axis_name="seq", strategy="ring",
+            layout="balanced", backend="mosaic", return_lse=True,
+            kernel_options={"mosaic": {"interpret": True}},
+        )  # fmt: skip
+        return cp.from_balanced(out, 1, length), cp.from_balanced(lse, 1, length)
+
+    f32 = lambda x: x.astype(jnp.float32)
+    reference = lambda q, k, v, mod: fa.flex_attention(
+        q, k, v, mod, bm, return_lse=True, backend="reference"
+    )
+    (_, (out, lse)), grads = _loss(sharded)(q, k, v, alibi)
+    (_, (out_r, lse_r)), grads_r = _loss(reference)(f32(q), f32(k), f32(v), alibi)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(f32(out), out_r, 2e-2, 2e-2)
+    np.testing.assert_allclose(lse, lse_r, 1e-4, 1e-4)
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r)):
+        assert np.linalg.norm(f32(g) - g_r) <= 1e-2 * np.linalg.norm(g_r)
+
+
+def test_multihead_layer_under_batch_sharding_moves_nothing():
+    """`MultiheadFlexAttention` (vmapped over a batch sharded on a 2x4 mesh, `xla`
+    backend) compiles to a program without collectives, keeps the output sharded,
+    and gives the unsharded result."""
+    mesh = _mesh((8,), ("data",))
+    layer = fa.nn.MultiheadFlexAttention(
+        num_heads=4, query_size=16, key=jax.random.key(0), dtype=jnp.float64
+    )
+    x = jax.random.normal(jax.random.key(1), (8, 24, 16), jnp.float64)
+    call = jax.jit(lambda layer, x: jax.vmap(lambda x: layer(x, x, x))(x))
+    want = call(layer, x)
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    compiled = call.lower(layer, x).compile()
+    assert _collectives(compiled.as_text()) == {}
+    assert compiled.output_shardings.spec == PartitionSpec("data")
+    np.testing.assert_allclose(compiled(layer, x), want, 1e-12, 1e-12)
