@@ -2,6 +2,8 @@
 sharding, and context parallelism (ring, all-gather, balanced layout) against the
 dense float64 reference on one device."""
 
+import importlib.util
+import pathlib
 import re
 
 import equinox as eqx
@@ -456,3 +458,13 @@ def test_multihead_layer_under_batch_sharding_moves_nothing():
     assert _collectives(compiled.as_text()) == {}
     assert compiled.output_shardings.spec == PartitionSpec("data")
     np.testing.assert_allclose(compiled(layer, x), want, 1e-12, 1e-12)
+
+
+def test_long_context_example_runs():
+    path = pathlib.Path(__file__).parent.parent / "examples" / "long_context.py"
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    errors = module.main()
+    assert set(errors) == {"out", "d_slopes", "merge"}
+    assert all(e < 1e-5 for e in errors.values()), errors
