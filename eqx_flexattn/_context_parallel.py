@@ -501,8 +501,25 @@ def choose_strategy(ring: int, hq: int, hkv: int) -> str:
     return "ring"
 
 
-def _place(x, mesh: Mesh, spec: PartitionSpec):
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+def _explicit(mesh: Mesh) -> bool:
+    """Whether `mesh` has `Explicit` axes (`jax.make_mesh`'s default): its arrays
+    carry their sharding in their type, and `shard_map` takes only arrays already
+    sharded as its `in_specs` say."""
+    types = getattr(mesh, "axis_types", ())
+    return any("Explicit" in str(t) for t in types)
+
+
+def _place(tree, specs, mesh: Mesh):
+    """`tree`'s arrays resharded to `specs` (a matching tree of `PartitionSpec`s)
+    on an explicit mesh; unchanged on an `Auto` one (`shard_map` moves them)."""
+    if not _explicit(mesh):
+        return tree
+    return jax.tree_util.tree_map(
+        lambda x, spec: jax.sharding.reshard(x, NamedSharding(mesh, spec)),
+        tree,
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
 
 
 def sharded_attention(
@@ -650,7 +667,9 @@ def sharded_attention(
             out_specs=(qspec, PartitionSpec(bspec, hspec, None)),
             check_vma=False,
         )
-        out, lse = fn(q, k, v, smod_arrays, arrays)
+        args = (q, k, v, smod_arrays, arrays)
+        specs = (qspec, qspec, qspec, rep(smod_arrays), bm_specs)
+        out, lse = fn(*_place(args, specs, mesh))
         return (out, lse) if return_lse else out
 
     if strategy == "auto":
@@ -669,7 +688,10 @@ def sharded_attention(
     else:
         padded = padded_length(seq, chunks, unit)
         pad = [(0, 0), (0, 0), (0, padded - seq), (0, 0)]
-        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        if padded != seq:
+            whole = PartitionSpec(bspec, hspec, None, None)
+            q, k, v = _place((q, k, v), (whole,) * 3, mesh)
+            q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
     plan = _Plan(strategy=strategy, padded=padded, **plan_kw)
     partial, full = _padded_states(bm, plan)
     order = chunk_order(ring, layout)
@@ -693,9 +715,17 @@ def sharded_attention(
         out_specs=(qspec, PartitionSpec(bspec, hspec, axis_name)),
         check_vma=False,
     )
-    out, lse = fn(q, k, v, smod_arrays, shard_arrays)
+    args = (q, k, v, smod_arrays, shard_arrays)
+    specs = (qspec, qspec, qspec, rep(smod_arrays), shard_specs)
+    out, lse = fn(*_place(args, specs, mesh))
     if layout == "natural":
-        out, lse = out[:, :, :seq], lse[:, :, :seq]
+        if padded != seq:
+            specs = (
+                PartitionSpec(bspec, hspec, None, None),
+                PartitionSpec(bspec, hspec),
+            )
+            out, lse = _place((out, lse), specs, mesh)
+            out, lse = out[:, :, :seq], lse[:, :, :seq]
     return (out, lse) if return_lse else out
 
 

@@ -468,3 +468,24 @@ def test_long_context_example_runs():
     errors = module.main()
     assert set(errors) == {"out", "d_slopes", "merge"}
     assert all(e < 1e-5 for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("axes", [dict(axis_name="seq"), dict(head_axis="seq")])
+def test_explicit_mesh(axes):
+    """`jax.make_mesh`'s default (`Explicit` axes): inputs are resharded to the
+    specs `shard_map` takes; a ragged length is cropped after."""
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+    length = 44
+    q, k, v = _inputs(length)
+    bm = _mask("documents", length)
+    got = jax.jit(
+        lambda q, k, v: cp.flex_attention(
+            q, k, v, _alibi(), bm, mesh=mesh, batch_axis="data", return_lse=True,
+            **axes,
+        )
+    )(q, k, v)  # fmt: skip
+    want = fa.flex_attention(
+        q, k, v, _alibi(), bm, return_lse=True, backend="reference"
+    )
+    np.testing.assert_allclose(got[0], want[0], 1e-10, 1e-10)
+    np.testing.assert_allclose(got[1], want[1], 1e-10, 1e-10)
