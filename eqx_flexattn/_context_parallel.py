@@ -19,7 +19,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from . import _attention
 from ._backends import AbstractBackend, AttentionProblem, select_backend
@@ -477,7 +477,7 @@ def _context_parallel(plan, q, k, v, smod, shard):
 # The global call
 
 
-def _mesh_axis(mesh: Mesh, name: str | None, what: str) -> int:
+def _mesh_axis(mesh, name: str | None, what: str) -> int:
     if name is None:
         return 1
     if not isinstance(name, str):
@@ -501,7 +501,7 @@ def choose_strategy(ring: int, hq: int, hkv: int) -> str:
     return "ring"
 
 
-def _explicit(mesh: Mesh) -> bool:
+def _explicit(mesh) -> bool:
     """Whether `mesh` has `Explicit` axes (`jax.make_mesh`'s default): its arrays
     carry their sharding in their type, and `shard_map` takes only arrays already
     sharded as its `in_specs` say."""
@@ -509,7 +509,7 @@ def _explicit(mesh: Mesh) -> bool:
     return any("Explicit" in str(t) for t in types)
 
 
-def _place(tree, specs, mesh: Mesh):
+def _place(tree, specs, mesh):
     """`tree`'s arrays resharded to `specs` (a matching tree of `PartitionSpec`s)
     on an explicit mesh; unchanged on an `Auto` one (`shard_map` moves them)."""
     if not _explicit(mesh):
@@ -542,7 +542,7 @@ def sharded_attention(
     layout,
 ):
     """The implementation of `context_parallel.flex_attention` (see there)."""
-    if not isinstance(mesh, Mesh):
+    if not isinstance(mesh, Mesh | AbstractMesh):
         raise TypeError(
             f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}."
         )
@@ -733,7 +733,8 @@ def _padded_states(bm: BlockMask, plan: _Plan):
     """The block states of `bm` over the padded length: blocks past the end are
     absent, and a full block holding padded keys becomes partial (the local mask mod
     masks the padding)."""
-    partial, full = bm.block_states()
+    # No index check: it would be a host callback inside the compiled call.
+    partial, full = bm._states(check=False)
     bq, bkv = plan.block_size
     mq, nkv = plan.padded // bq, plan.padded // bkv
     grow = lambda x: jnp.pad(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 from jaxtyping import Array, Float
 
 from ._block_mask import BlockMask
@@ -38,7 +38,7 @@ def flex_attention(
     score_mod: Callable | None = None,
     block_mask: BlockMask | None = None,
     *,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh,
     axis_name: str | None = None,
     batch_axis: str | None = None,
     head_axis: str | None = None,
@@ -65,7 +65,8 @@ def flex_attention(
 
     **Arguments:** as [`eqx_flexattn.flex_attention`][], and
 
-    - `mesh`: a `jax.sharding.Mesh` (with `Auto` axes).
+    - `mesh`: a `jax.sharding.Mesh` (`Auto` or `Explicit` axes), or an
+        `AbstractMesh` (to lower for other devices).
     - `axis_name`: the mesh axis the sequence is split over, or `None`.
     - `batch_axis`, `head_axis`: mesh axes for the batch and the heads (query and
         key/value heads: `Hkv` must divide too), or `None`.
