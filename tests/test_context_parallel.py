@@ -520,3 +520,22 @@ def test_ring_lowers_the_mosaic_kernels_for_the_gpu(monkeypatch):
     alibi = fa.score_mods.generate_alibi_bias(2)
     lowered = grads.trace(spec, spec, spec, alibi).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("mosaic_gpu") >= 3  # forward, dQ, dK/dV
+
+
+def test_plain_call_with_explicitly_sharded_inputs():
+    """`fa.flex_attention` itself, under `jit`, on inputs sharded over batch and
+    heads on `Explicit` mesh axes: each device runs the backend on its shard (no
+    collective in the forward pass), the output keeps the inputs' sharding, and
+    results and gradients equal the reference's."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    length = 40
+    q, k, v = _inputs(length)
+    bm = _mask("documents", length)
+    spec = NamedSharding(mesh, PartitionSpec("data", "model"))
+    sharded = tuple(jax.device_put(x, spec) for x in (q, k, v))
+    attention = lambda q, k, v, s: fa.flex_attention(q, k, v, s, bm, return_lse=True)
+    compiled = jax.jit(attention).lower(*sharded, _alibi()).compile()
+    assert _collectives(compiled.as_text()) == {}
+    out, lse = compiled(*sharded, _alibi())
+    assert jax.typeof(out).sharding.spec[:2] == ("data", "model")
+    _compare(attention, *sharded, _alibi(), bm, 1e-9, 1e-10)
