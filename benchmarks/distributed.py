@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -395,5 +394,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    del math
     sys.exit(main())

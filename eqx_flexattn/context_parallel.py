@@ -12,10 +12,10 @@ out = cp.flex_attention(q, k, v, score_mod, block_mask, mesh=mesh, axis_name="se
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh
 from jaxtyping import Array, Float
@@ -153,8 +153,6 @@ def to_balanced(
     padded = padded_length(length, 2 * p, block_size)
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, padded - length)
-    import jax.numpy as jnp
-
     return permute_chunks(jnp.pad(x, pad), chunk_order(p, "balanced"), axis)
 
 
@@ -170,6 +168,3 @@ def from_balanced(x: Array, num_devices: int, length: int, *, axis: int = 2) -> 
     inverse = np.argsort(chunk_order(p, "balanced"))
     x = permute_chunks(x, inverse, axis)
     return x.take(np.arange(length), axis=axis) if length < x.shape[axis] else x
-
-
-del math
