@@ -16,7 +16,12 @@ else:
     _hook = _contextlib.nullcontext()
 
 with _hook:
-    from . import masks as masks, nn as nn, score_mods as score_mods
+    from . import (
+        context_parallel as context_parallel,
+        masks as masks,
+        nn as nn,
+        score_mods as score_mods,
+    )
     from ._attention import (
         AuxOutput as AuxOutput,
         AuxRequest as AuxRequest,
@@ -31,6 +36,7 @@ with _hook:
         noop_mask as noop_mask,
         or_masks as or_masks,
     )
+    from ._merge import merge_attention as merge_attention
 
 del _contextlib, _os, _jaxtyping, _hook
 

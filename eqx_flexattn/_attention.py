@@ -390,6 +390,10 @@ def flex_attention(
     recompiles per call (a `UserWarning` says so once, at the third such trace);
     make it an `eqx.Module`, or build it inside the function you jit.
 
+    **Sharding.** Inputs sharded over batch and/or heads on `Explicit` mesh axes
+    run the backend per shard (`shard_map`; the output keeps their sharding); see
+    `eqx_flexattn.context_parallel` for `Auto` meshes and the sequence axis.
+
     **Differentiation.** Reverse mode (`jax.grad`, `jax.vjp`) runs the backend's
     fused backward pass. Forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`)
     differentiates the `xla` backend's blockwise forward pass (`backend="auto"` or
@@ -413,6 +417,16 @@ def flex_attention(
     return_lse = _check_flag("return_lse", return_lse)
     aux = _check_aux(return_aux, return_lse)
     _warn_if_eager()
+    shards = None if aux is not None else _sharded_axes(query, key, value)
+    if shards is not None:  # each device runs its kernel on its shard
+        from ._context_parallel import sharded_attention
+
+        return sharded_attention(
+            query, key, value, score_mod, block_mask, mesh=shards[0],
+            axis_name=None, batch_axis=shards[1], head_axis=shards[2], scale=scale,
+            enable_gqa=enable_gqa, return_lse=return_lse, backend=backend,
+            kernel_options=kernel_options, strategy="auto", layout="natural",
+        )  # fmt: skip
     problem = _problem(
         query, key, value, score_mod, block_mask, scale, enable_gqa, kernel_options
     )
@@ -438,6 +452,36 @@ def flex_attention(
             max_scores=max_scores(problem) if aux.max_scores else None,
         )
     return (out, lse) if return_lse else out
+
+
+def _sharded_axes(*arrays) -> tuple[Any, str | None, str | None] | None:
+    """`(mesh, batch_axis, head_axis)` when q, k and v are sharded over batch and/or
+    heads on `Explicit` mesh axes (their type says so; `Auto` axes say nothing), and
+    nowhere else: then `shard_map` runs the backend per shard. Otherwise `None`."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return None
+    specs = []
+    for x in arrays:
+        sharding = getattr(typeof(x), "sharding", None)
+        spec = getattr(sharding, "spec", None)
+        if spec is None:
+            return None
+        spec = tuple(spec) + (None,) * (4 - len(spec))
+        specs.append(spec)
+    mesh = typeof(arrays[0]).sharding.mesh
+    explicit = {
+        n for n, t in zip(mesh.axis_names, mesh.axis_types) if "Explicit" in str(t)
+    }
+    (b, h, lq, d), *others = specs
+    if not (b or h) or lq or d:
+        return None
+    if any(o[:2] != (b, h) or o[2] or o[3] for o in others):
+        return None
+    for axis in (b, h):
+        if axis is not None and not (isinstance(axis, str) and axis in explicit):
+            return None
+    return mesh, b, h
 
 
 _AUX_FIELDS = AuxRequest._fields

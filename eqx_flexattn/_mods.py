@@ -123,7 +123,18 @@ class ScalarMod(eqx.Module):
         *score, b, h, q_idx, kv_idx = args
         idx = [jnp.asarray(i, INDEX_DTYPE) for i in (b, h, q_idx, kv_idx)]
         score = [jnp.asarray(x, self.score_dtype) for x in score]
-        return jnp.broadcast_to(jnp.vectorize(self.fn)(*score, *idx), shape)
+        return jnp.broadcast_to(
+            jnp.vectorize(ft.partial(_run, self.fn))(*score, *idx), shape
+        )
+
+
+def _run(fn: Callable, *args):
+    """Runs a closure-converted mod on scalars. Its traced program is evaluated
+    directly: Equinox's check of the arguments compares their shardings too, and
+    inside `shard_map` those differ from the example arguments it was traced with."""
+    if hasattr(fn, "jaxpr") and hasattr(fn, "consts"):
+        return jnp.asarray(jax.core.eval_jaxpr(fn.jaxpr, fn.consts, *args)[0])
+    return getattr(fn, "fn", fn)(*args)
 
 
 # How to write an `if` with array operations, per kind of mod.
