@@ -222,3 +222,24 @@ def test_second_derivatives(getkey):
     np.testing.assert_allclose(
         hessian(q, "xla"), hessian(q, "reference"), rtol=1e-9, atol=1e-12
     )
+
+
+@pytest.mark.parametrize(
+    "dtype, slope_dtype", [(jnp.bfloat16, jnp.bfloat16), (jnp.float64, jnp.float32)]
+)
+def test_parameters_narrower_than_the_accumulator(dtype, slope_dtype, getkey):
+    """ALiBi slopes narrower than the gradient accumulator (bfloat16 slopes with
+    bfloat16 inputs; float32 slopes with float64 inputs), whose program multiplies
+    the slope by a position cast to the slope's dtype: the xla backward gives the
+    reference's gradients, in the slopes' dtype."""
+    q, k, v = random_qkv(getkey(), 1, 2, 2, 32, 32, 16, dtype=dtype)
+    bm = fa.create_block_mask(masks.causal_mask, None, None, 32, 32, block_size=16)
+    alibi = score_mods.Alibi(jnp.array([0.5, 0.25], slope_dtype))
+    grad = lambda name, *a: jax.jit(jax.grad(loss_fn(name, bm), argnums=3))(*a)
+    got = grad("xla", q, k, v, alibi).slopes
+    want = grad("reference", *map(to_f64, (q, k, v, alibi))).slopes
+    assert got.dtype == slope_dtype
+    tol = 5e-2 if dtype == jnp.bfloat16 else 1e-5
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), want, atol=tol * np.abs(want).max(), rtol=0
+    )

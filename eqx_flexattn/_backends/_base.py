@@ -181,8 +181,8 @@ def mod_grad_dtype(leaf_dtype, acc_dtype):
 
 def upcast_mod(score_mod, acc_dtype):
     """`score_mod` with its inexact leaves in `mod_grad_dtype`: differentiate this one,
-    so the VJP's scatter-adds (a bias-table lookup summed over a tile) run in float32
-    even for a bfloat16 table."""
+    so its gradients come out (and are summed over tiles) in float32 even for a
+    bfloat16 table."""
     return jax.tree_util.tree_map(
         lambda x: (
             x.astype(mod_grad_dtype(x.dtype, acc_dtype))
@@ -223,5 +223,16 @@ def score_mod_vjp(fn, s, score_mod, acc_dtype):
     if [x.dtype for x in arrays(wide)] == [x.dtype for x in arrays(score_mod)]:
         return eqx.filter_vjp(fn, s, score_mod)
     out, vjp_s = jax.vjp(lambda s_: fn(s_, score_mod), s)
-    _, vjp_mod = eqx.filter_vjp(lambda m: fn(s, m), wide)
+    try:
+        _, vjp_mod = eqx.filter_vjp(lambda m: fn(s, m), wide)
+    except TypeError:
+        # The mod's program mixes a widened array with values of its own dtype
+        # (`slopes * (kv - q).astype(slopes.dtype)`): run it on the arrays in
+        # their own dtypes, narrowed inside, so the cotangents still leave wide.
+        narrow = lambda m: jax.tree_util.tree_map(
+            lambda w, x: w.astype(x.dtype) if eqx.is_inexact_array(x) else w,
+            m,
+            score_mod,
+        )
+        _, vjp_mod = eqx.filter_vjp(lambda m: fn(s, narrow(m)), wide)
     return out, lambda ds: (vjp_s(ds)[0], vjp_mod(ds)[0])
