@@ -24,7 +24,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 from . import _attention
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._config import expand_options
-from ._block_mask import BlockMask
+from ._block_mask import _INDEX_FIELDS, BlockMask
 from ._merge import merge_attention
 from ._mods import INDEX_DTYPE
 
@@ -231,18 +231,6 @@ def _local_attention(plan: _Plan, q, k, v, smod, bm: BlockMask):
     problem = _problem(plan, q, k, v, score, bm)
     impl, _ = select_backend(plan.backend, problem)
     return _run(impl, problem)
-
-
-_INDEX_FIELDS = (
-    "kv_num_blocks",
-    "kv_indices",
-    "full_kv_num_blocks",
-    "full_kv_indices",
-    "q_num_blocks",
-    "q_indices",
-    "full_q_num_blocks",
-    "full_q_indices",
-)
 
 
 # ----------------------------------------------------------------------------------
