@@ -510,6 +510,15 @@ def _place(tree, specs, mesh):
     )
 
 
+def _shard_mapped(body, mesh, args, in_specs, out_specs):
+    """`body(*args)` per device under `shard_map`, the arguments placed as
+    `in_specs` say first (see `_place`)."""
+    fn = jax.shard_map(
+        body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+    )
+    return fn(*_place(args, in_specs, mesh))
+
+
 def sharded_attention(
     query,
     key,
@@ -648,16 +657,13 @@ def sharded_attention(
             smod = eqx.combine(smod_arrays, smod_static)
             return _local_attention(plan, q, k, v, smod, eqx.combine(arrays, static))
 
-        fn = jax.shard_map(
+        out, lse = _shard_mapped(
             body,
-            mesh=mesh,
-            in_specs=(qspec, qspec, qspec, rep(smod_arrays), bm_specs),
-            out_specs=(qspec, PartitionSpec(bspec, hspec, None)),
-            check_vma=False,
+            mesh,
+            (q, k, v, smod_arrays, arrays),
+            (qspec, qspec, qspec, rep(smod_arrays), bm_specs),
+            (qspec, PartitionSpec(bspec, hspec, None)),
         )
-        args = (q, k, v, smod_arrays, arrays)
-        specs = (qspec, qspec, qspec, rep(smod_arrays), bm_specs)
-        out, lse = fn(*_place(args, specs, mesh))
         return (out, lse) if return_lse else out
 
     if strategy == "auto":
@@ -696,16 +702,13 @@ def sharded_attention(
         smod, shard = eqx.combine((smod_arrays, shard_arrays), static)
         return _context_parallel(plan, q, k, v, smod, shard)
 
-    fn = jax.shard_map(
+    out, lse = _shard_mapped(
         body,
-        mesh=mesh,
-        in_specs=(qspec, qspec, qspec, rep(smod_arrays), shard_specs),
-        out_specs=(qspec, PartitionSpec(bspec, hspec, axis_name)),
-        check_vma=False,
+        mesh,
+        (q, k, v, smod_arrays, shard_arrays),
+        (qspec, qspec, qspec, rep(smod_arrays), shard_specs),
+        (qspec, PartitionSpec(bspec, hspec, axis_name)),
     )
-    args = (q, k, v, smod_arrays, shard_arrays)
-    specs = (qspec, qspec, qspec, rep(smod_arrays), shard_specs)
-    out, lse = fn(*_place(args, specs, mesh))
     if layout == "natural":
         if padded != seq:
             specs = (
