@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gpu_helpers import assert_bitwise_repeatable, LearnableBiases
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
@@ -93,38 +94,18 @@ def test_forward_and_gradients_match_xla(name):
 def test_parameter_gradients_are_bitwise_deterministic():
     """Five runs of a learnable ALiBi + per-query bias + relative-position table mod
     give identical bits."""
-    bias = jnp.linspace(-0.5, 0.5, L).astype(jnp.float32)
-    table = jax.random.normal(jax.random.key(6), (H, 2 * L - 1), jnp.float32)
-
-    class Mod(score_mods.Alibi):
-        bias: jax.Array
-        relative: score_mods.RelativePositionBias
-
-        def __init__(self, slopes, bias, table):
-            self.slopes, self.bias = slopes, bias
-            self.relative = score_mods.RelativePositionBias(H, L, table=table)
-
-        def __call__(self, s, b, h, q, kv):
-            s = super().__call__(s, b, h, q, kv) + self.bias[q]
-            return self.relative(s, b, h, q, kv)
-
-    mod = Mod(jnp.linspace(0.05, 0.5, H).astype(jnp.float32), bias, table)
     q, k, v, w = _inputs(1)
     bm = fa.create_block_mask(masks.causal_mask, None, None, L, L)
     grad = jax.jit(jax.grad(_loss("mosaic", bm, w), (0, 1, 2, 3)))
-    runs = [jax.tree_util.tree_leaves(grad(q, k, v, mod)) for _ in range(5)]
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_bitwise_repeatable(grad, q, k, v, LearnableBiases(H, L))
 
 
 @pytest.mark.parametrize("name", ["clipped_relative", "t5"])
 def test_bucketed_table_gradients_are_bitwise_deterministic(name):
     """Tables where many diagonals read one entry (a relative bias clipped at 128, T5
-    buckets): the diagonal sums are reduced in a fixed order, but the table's
-    gradient then goes through the transpose of the gather that built the "diag"
-    table, a scatter-add with repeated indices (run five times, compared bit for
-    bit)."""
+    buckets): the diagonal sums, and then the cotangents of the table entries that
+    read one parameter (`_reduce.segment_sum`, no scatter-add), are summed in a
+    fixed order (run five times, compared bit for bit)."""
     table = jax.random.normal(jax.random.key(7), (H, 255), jnp.float32)
     mod = {
         "clipped_relative": score_mods.RelativePositionBias(H, 128, table=table),
@@ -133,10 +114,7 @@ def test_bucketed_table_gradients_are_bitwise_deterministic(name):
     q, k, v, w = _inputs(2)
     bm = fa.create_block_mask(masks.causal_mask, None, None, L, L)
     grad = jax.jit(jax.grad(_loss("mosaic", bm, w), 3))
-    runs = [jax.tree_util.tree_leaves(grad(q, k, v, mod)) for _ in range(5)]
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_bitwise_repeatable(grad, q, k, v, mod)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

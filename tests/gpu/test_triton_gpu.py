@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from gpu_helpers import assert_bitwise_repeatable, LearnableBiases
 
 import eqx_flexattn as fa
 from eqx_flexattn import masks, score_mods
@@ -174,29 +175,10 @@ def test_parameter_gradients_are_bitwise_deterministic():
     """Five runs of a learnable ALiBi + per-query bias + relative-position table mod
     give identical bits (row and diagonal sums written per program and tile, reduced
     in a fixed order: no atomics)."""
-    bias = jnp.linspace(-0.5, 0.5, L).astype(jnp.float32)
-    table = jax.random.normal(jax.random.key(6), (H, 2 * L - 1), jnp.float32)
-
-    class Mod(score_mods.Alibi):
-        bias: jax.Array
-        relative: score_mods.RelativePositionBias
-
-        def __init__(self, slopes, bias, table):
-            self.slopes, self.bias = slopes, bias
-            self.relative = score_mods.RelativePositionBias(H, L, table=table)
-
-        def __call__(self, s, b, h, q, kv):
-            s = super().__call__(s, b, h, q, kv) + self.bias[q]
-            return self.relative(s, b, h, q, kv)
-
-    mod = Mod(jnp.linspace(0.05, 0.5, H).astype(jnp.float32), bias, table)
     q, k, v, w = _inputs(1)
     bm = fa.create_block_mask(masks.causal_mask, None, None, L, L)
     grad = jax.jit(jax.grad(_loss("triton", bm, w), (0, 1, 2, 3)))
-    runs = [jax.tree_util.tree_leaves(grad(q, k, v, mod)) for _ in range(5)]
-    for other in runs[1:]:
-        for a, b in zip(runs[0], other):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_bitwise_repeatable(grad, q, k, v, LearnableBiases(H, L))
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
