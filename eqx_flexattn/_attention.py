@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from . import _backends
+from . import _backends, _partitioned
 from ._aux import AuxOutput, AuxRequest, max_scores
 from ._backends import AbstractBackend, AttentionProblem, select_backend
 from ._backends._base import accumulator_dtype
@@ -209,13 +209,13 @@ def _warn_if_eager() -> None:
 
 @eqx.filter_custom_vjp
 def _fused(problem: AttentionProblem, backend: AbstractBackend):
-    return backend.forward(problem)
+    return _partitioned.forward(backend, problem)
 
 
 @_fused.def_fwd
 def _fused_fwd(perturbed, problem, backend):
     del perturbed
-    out, lse = backend.forward(problem)
+    out, lse = _partitioned.forward(backend, problem)
     return (out, lse), (out, lse)
 
 
@@ -224,7 +224,7 @@ def _fused_bwd(residuals, grads, perturbed, problem, backend):
     _check_not_reverse_differentiated(residuals, grads, problem, backend)
     out, lse = residuals
     dout, dlse = grads
-    return backend.backward(problem, out, lse, dout, dlse, perturbed)
+    return _partitioned.backward(backend, problem, out, lse, dout, dlse, perturbed)
 
 
 try:  # JAX's reverse mode linearizes with these tracers (not forward mode's)
@@ -390,9 +390,11 @@ def flex_attention(
     recompiles per call (a `UserWarning` says so once, at the third such trace);
     make it an `eqx.Module`, or build it inside the function you jit.
 
-    **Sharding.** Inputs sharded over batch and/or heads on `Explicit` mesh axes
-    run the backend per shard (`shard_map`; the output keeps their sharding); see
-    `eqx_flexattn.context_parallel` for `Auto` meshes and the sequence axis.
+    **Sharding.** Under `jit`, inputs sharded over batch and/or heads run the
+    backend per shard, and the output keeps their sharding: on `Explicit` mesh axes
+    through `shard_map`, on `Auto` axes through the kernels' partitioning rule (the
+    `xla` backend is partitioned by XLA). Sharding the sequence is
+    `eqx_flexattn.context_parallel.flex_attention`'s work.
 
     **Differentiation.** Reverse mode (`jax.grad`, `jax.vjp`) runs the backend's
     fused backward pass. Forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`)

@@ -539,3 +539,92 @@ def test_plain_call_with_explicitly_sharded_inputs():
     out, lse = compiled(*sharded, _alibi())
     assert jax.typeof(out).sharding.spec[:2] == ("data", "model")
     _compare(attention, *sharded, _alibi(), bm, 1e-9, 1e-10)
+
+
+# The Pallas kernels (here `triton`, interpreted) under `jit` with inputs sharded on
+# `Auto` mesh axes: a partitioning rule runs them on each device's shard.
+TRITON = {"triton": {"interpret": True, "block_q": 16, "block_kv": 16}}
+TRITON["triton"] |= {"bwd_block_q": 16, "bwd_block_kv": 16}
+
+
+def _documents_mask_16(length):
+    mod = fa.and_masks(fa.masks.causal_mask, fa.masks.document_mask(_documents(length)))
+    return fa.create_block_mask(mod, B, None, length, length, block_size=16)
+
+
+def _auto_mesh(shape, names):
+    return jax.make_mesh(
+        shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape)
+    )
+
+
+@pytest.mark.parametrize(
+    "spec,hkv",
+    [
+        (("data", "model"), H),
+        (("data", None), H),
+        ((None, "model"), 2),  # GQA: 2 kv heads over 2 devices
+        (("data", "model"), 1),  # 1 kv head: the heads stay whole (k, v gathered)
+    ],
+    ids=["batch_heads", "batch", "heads_gqa", "heads_indivisible"],
+)
+def test_kernels_run_per_shard_on_auto_meshes(spec, hkv):
+    """`fa.flex_attention` with a kernel backend on inputs sharded over batch and
+    heads on `Auto` axes (plain `jit`, `NamedSharding` inputs): no collective of
+    floats in the forward pass (but where the key/value heads cannot follow the
+    query heads), only the all-reduce of the score-mod parameter gradients in the
+    backward pass, the output sharded like q; results and gradients equal the
+    float64 reference (the mods see global batch and head indices: documents per
+    batch row, ALiBi slopes per head)."""
+    mesh = _auto_mesh((2, 4) if hkv != 2 else (4, 2), ("data", "model"))
+    length = 56
+    q, k, v = _inputs(length, hkv=hkv, dtype=jnp.float32)
+    bm = _documents_mask_16(length)
+    q_spec = NamedSharding(mesh, PartitionSpec(*spec))
+    kv_spec = q_spec if hkv != 1 else NamedSharding(mesh, PartitionSpec(spec[0]))
+    q = jax.device_put(q, q_spec)
+    k, v = (jax.device_put(x, kv_spec) for x in (k, v))
+    alibi = _alibi(jnp.float32)
+
+    def attention(q, k, v, s):
+        return fa.flex_attention(
+            q, k, v, s, bm, enable_gqa=hkv != H, return_lse=True,
+            backend="triton", kernel_options=TRITON,
+        )  # fmt: skip
+
+    compiled = jax.jit(attention).lower(q, k, v, alibi).compile()
+    out, lse = compiled(q, k, v, alibi)
+    if hkv != 1:
+        assert _collectives(compiled.as_text(), floats_only=True) == {}
+        for x in (out, lse):
+            assert (*x.sharding.spec, None, None)[:2] == spec
+    grads = _loss(attention).lower(q, k, v, alibi).compile()
+    ops = _collectives(grads.as_text(), floats_only=True)
+    if hkv != 1:
+        assert set(ops) <= {"all-reduce"}, ops  # d(slopes), and the loss's own sum
+    _compare(attention, q, k, v, alibi, bm, 2e-4, 2e-5, gqa=hkv != H)
+
+
+def test_kernels_per_shard_under_vmap_and_without_mesh():
+    """Under `vmap` (how Equinox layers see a batch) the partitioning rule steps
+    aside for the kernel's own batching rule; unsharded inputs never meet it. Both
+    give the reference's result."""
+    mesh = _auto_mesh((8,), ("data",))
+    length = 24
+    q, k, v = _inputs(length, dtype=jnp.float32)
+    bm = fa.create_block_mask(
+        fa.masks.causal_mask, None, None, length, length, block_size=16
+    )
+    one = lambda q, k, v: fa.flex_attention(
+        q[None], k[None], v[None], _alibi(jnp.float32), bm,
+        backend="triton", kernel_options=TRITON,
+    )[0]  # fmt: skip
+    want = fa.flex_attention(
+        *(x.astype(jnp.float64) for x in (q, k, v)), _alibi(), bm, backend="reference"
+    )
+    batched = jax.jit(jax.vmap(one))
+    np.testing.assert_allclose(batched(q, k, v), want, 2e-4, 2e-5)
+    spec = NamedSharding(mesh, PartitionSpec("data"))
+    qs, ks, vs = (jax.device_put(jnp.tile(x, (4, 1, 1, 1)), spec) for x in (q, k, v))
+    want = jnp.tile(want, (4, 1, 1, 1))
+    np.testing.assert_allclose(batched(qs, ks, vs), want, 2e-4, 2e-5)

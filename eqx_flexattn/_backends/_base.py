@@ -65,13 +65,19 @@ class AbstractBackend(eqx.Module):
 
     Kernel backends (Pallas) set `interpretable = True`: they take
     `kernel_options={"interpret": True}` and then run on CPU in Pallas interpret
-    mode; the test suite runs them so.
+    mode; the test suite runs them so. They also set `runs_per_shard = True`: XLA
+    cannot partition a Pallas call, so with q, k, v sharded over batch or heads on
+    `Auto` mesh axes the dispatcher wraps `forward` and `backward` in a
+    partitioning rule that runs them on each device's shard.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[AbstractConfig] | None] = EmptyConfig
     differentiable: ClassVar[bool] = False
     interpretable: ClassVar[bool] = False
+    # XLA cannot partition its kernels (Pallas calls): with inputs sharded on `Auto`
+    # mesh axes the dispatcher runs them per shard of batch and heads.
+    runs_per_shard: ClassVar[bool] = False
 
     def config(self, problem: AttentionProblem) -> AbstractConfig:
         """This backend's validated config for `problem`'s `kernel_options`.

@@ -165,6 +165,7 @@ class MosaicBackend(AbstractBackend):
     name = "mosaic"
     config_class = MosaicConfig
     interpretable = True
+    runs_per_shard = True
 
     def check(self, problem: AttentionProblem) -> None:
         cfg = self.config(problem)

@@ -328,6 +328,7 @@ class TritonBackend(AbstractBackend):
     name = "triton"
     config_class = TritonConfig
     interpretable = True
+    runs_per_shard = True
 
     def check(self, problem: AttentionProblem) -> None:
         cfg = self.config(problem)
