@@ -21,9 +21,9 @@ backward passes are each wrapped in `custom_partitioning`:
   and head axes.
 
 On one device, or inside `shard_map`, `custom_partitioning` runs the function as it
-is. Under `vmap` the wrapped call falls back to the plain one (`custom_partitioning`
-has no batching rule). `Explicit` mesh axes take `shard_map` instead
-(`_context_parallel.sharded_attention`).
+is. It has no batching rule: under `vmap` (how Equinox layers see a batch) the call
+is vmapped as usual and that is wrapped again, run per shard of the mapped axis.
+`Explicit` mesh axes take `shard_map` instead (`_context_parallel.sharded_attention`).
 """
 
 from __future__ import annotations
@@ -286,14 +286,73 @@ def _partitioned(plain, problem, extra, extra_roles, result_roles):
         partition=partition,
         sharding_rule=_rule(list(map(jnp.shape, flat)), roles, out_dims, result_roles),
     )
+    return _with_vmap_rule(call, whole)(*flat)
+
+
+def _with_vmap_rule(call, whole):
+    """`call` (a `custom_partitioning` function, which has no batching rule) under
+    `vmap`: `whole` vmapped, itself run per shard of the mapped axis."""
     batchable = custom_vmap(lambda *flat: call(*flat))
 
     @batchable.def_vmap
-    def _(axis_size, in_batched, *flat):  # no batching rule: the plain call
-        outs = jax.vmap(whole, in_axes=[0 if i else None for i in in_batched])(*flat)
+    def _(axis_size, in_batched, *flat):
+        mapped = jax.vmap(whole, in_axes=[0 if b else None for b in in_batched])
+        outs = _per_example_shard(mapped, flat, in_batched)
         return outs, (True,) * len(outs)
 
-    return batchable(*flat)
+    return batchable
+
+
+def _per_example_shard(mapped, flat, batched):
+    """`mapped(*flat)`, a `vmap`ped call (the operands flagged in `batched` and every
+    result have the mapped axis first), on each device's shard of the mapped axis
+    (as q's is sharded): each device maps over its own examples. This is how
+    Equinox layers (`MultiheadFlexAttention` under `jax.vmap`) keep a sharded batch
+    local."""
+    first = batched.index(True)
+    size = jnp.shape(flat[first])[0]
+
+    def axis(mesh, arg_shapes):
+        sharding = arg_shapes[first].sharding
+        spec = tuple(getattr(sharding, "spec", ()))
+        ax = spec[0] if spec else None
+        if ax is not None and size % _axis_size(mesh, ax):
+            return None
+        return ax
+
+    def shardings(mesh, arg_shapes, result_shape):
+        ax = axis(mesh, arg_shapes)
+        args = tuple(
+            NamedSharding(mesh, PartitionSpec(ax) if b else PartitionSpec())
+            for b in batched
+        )
+        return args, tuple(NamedSharding(mesh, PartitionSpec(ax)) for _ in result_shape)
+
+    def infer(mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes, result_shape)[1]
+
+    def partition(mesh, arg_shapes, result_shape):
+        args, outs = shardings(mesh, arg_shapes, result_shape)
+        return mesh, mapped, outs, args
+
+    def dims(prefix, n, ndim, mapped_first):
+        names = [f"{prefix}{n}_{i}" for i in range(ndim)]
+        if mapped_first:
+            names[0] = "n"
+        return ArrayMapping(*names)
+
+    results = jax.eval_shape(mapped, *flat)
+    rule = SdyShardingRule(
+        tuple(
+            dims("x", i, jnp.ndim(x), b) for i, (x, b) in enumerate(zip(flat, batched))
+        ),
+        tuple(dims("y", i, len(r.shape), True) for i, r in enumerate(results)),
+    )
+    call = custom_partitioning(lambda *flat: mapped(*flat))
+    call.def_partition(
+        infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule
+    )
+    return _with_vmap_rule(call, mapped)(*flat)
 
 
 def forward(backend: AbstractBackend, problem: AttentionProblem):

@@ -451,7 +451,10 @@ def test_multihead_layer_under_batch_sharding_moves_nothing():
         num_heads=4, query_size=16, key=jax.random.key(0), dtype=jnp.float64
     )
     x = jax.random.normal(jax.random.key(1), (8, 24, 16), jnp.float64)
-    call = jax.jit(lambda layer, x: jax.vmap(lambda x: layer(x, x, x))(x))
+    causal = fa.masks.causal_mask
+    call = jax.jit(
+        lambda layer, x: jax.vmap(lambda x: layer(x, x, x, mask_mod=causal))(x)
+    )
     want = call(layer, x)
     x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
     compiled = call.lower(layer, x).compile()
@@ -605,26 +608,40 @@ def test_kernels_run_per_shard_on_auto_meshes(spec, hkv):
     _compare(attention, q, k, v, alibi, bm, 2e-4, 2e-5, gqa=hkv != H)
 
 
-def test_kernels_per_shard_under_vmap_and_without_mesh():
-    """Under `vmap` (how Equinox layers see a batch) the partitioning rule steps
-    aside for the kernel's own batching rule; unsharded inputs never meet it. Both
-    give the reference's result."""
+def test_kernels_per_shard_under_vmap():
+    """`MultiheadFlexAttention` (its kernels interpreted), `vmap`ped over a batch
+    sharded over 8 devices: each device maps over its own examples (no collective of
+    floats in the forward pass), the output stays sharded, and the forward pass and
+    the gradients of the layer's parameters (learnable ALiBi slopes included) equal
+    the unsharded call's."""
     mesh = _auto_mesh((8,), ("data",))
-    length = 24
-    q, k, v = _inputs(length, dtype=jnp.float32)
-    bm = fa.create_block_mask(
-        fa.masks.causal_mask, None, None, length, length, block_size=16
+    layer = fa.nn.MultiheadFlexAttention(
+        num_heads=H,
+        query_size=16,
+        score_mod=fa.score_mods.Alibi(fa.score_mods.alibi_slopes(H)),
+        block_size=16,
+        backend="triton",
+        kernel_options=TRITON,
+        dtype=jnp.float32,
+        key=jax.random.key(0),
     )
-    one = lambda q, k, v: fa.flex_attention(
-        q[None], k[None], v[None], _alibi(jnp.float32), bm,
-        backend="triton", kernel_options=TRITON,
-    )[0]  # fmt: skip
-    want = fa.flex_attention(
-        *(x.astype(jnp.float64) for x in (q, k, v)), _alibi(), bm, backend="reference"
-    )
-    batched = jax.jit(jax.vmap(one))
-    np.testing.assert_allclose(batched(q, k, v), want, 2e-4, 2e-5)
-    spec = NamedSharding(mesh, PartitionSpec("data"))
-    qs, ks, vs = (jax.device_put(jnp.tile(x, (4, 1, 1, 1)), spec) for x in (q, k, v))
-    want = jnp.tile(want, (4, 1, 1, 1))
-    np.testing.assert_allclose(batched(qs, ks, vs), want, 2e-4, 2e-5)
+    x = jax.random.normal(jax.random.key(1), (8, 32, 16), jnp.float32)
+    causal = fa.masks.causal_mask
+    params, static = eqx.partition(layer, eqx.is_array)
+
+    @jax.jit
+    def call(params, x):
+        layer = eqx.combine(params, static)
+        return jax.vmap(lambda x: layer(x, x, x, mask_mod=causal))(x)
+
+    loss = jax.jit(jax.grad(lambda params, x: jnp.sum(call(params, x) ** 2)))
+    want, grads_want = call(params, x), loss(params, x)
+    x = jax.device_put(x, NamedSharding(mesh, PartitionSpec("data")))
+    compiled = call.lower(params, x).compile()
+    assert _collectives(compiled.as_text(), floats_only=True) == {}
+    out = compiled(params, x)
+    assert out.sharding.spec[:1] == ("data",)
+    np.testing.assert_allclose(out, want, 1e-5, 1e-5)
+    grads = loss(params, x)
+    for g, g_want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_want)):
+        np.testing.assert_allclose(g, g_want, 1e-4, 1e-5)
