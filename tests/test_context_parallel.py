@@ -562,23 +562,24 @@ def _auto_mesh(shape, names):
 
 
 @pytest.mark.parametrize(
-    "spec,hkv",
+    "spec,hkv,mod",
     [
-        (("data", "model"), H),
-        (("data", None), H),
-        ((None, "model"), 2),  # GQA: 2 kv heads over 2 devices
-        (("data", "model"), 1),  # 1 kv head: the heads stay whole (k, v gathered)
+        (("data", "model"), H, _alibi),
+        (("data", "model"), H, _table),  # learnable table: its gradient psummed
+        (("data", None), H, _alibi),
+        ((None, "model"), 2, _alibi),  # GQA: 2 kv heads over 2 devices
+        (("data", "model"), 1, _alibi),  # 1 kv head: heads stay whole (k, v gathered)
     ],
-    ids=["batch_heads", "batch", "heads_gqa", "heads_indivisible"],
+    ids=["batch_heads", "batch_heads_table", "batch", "heads_gqa", "heads_indivisible"],
 )
-def test_kernels_run_per_shard_on_auto_meshes(spec, hkv):
+def test_kernels_run_per_shard_on_auto_meshes(spec, hkv, mod):
     """`fa.flex_attention` with a kernel backend on inputs sharded over batch and
     heads on `Auto` axes (plain `jit`, `NamedSharding` inputs): no collective of
     floats in the forward pass (but where the key/value heads cannot follow the
     query heads), only the all-reduce of the score-mod parameter gradients in the
     backward pass, the output sharded like q; results and gradients equal the
     float64 reference (the mods see global batch and head indices: documents per
-    batch row, ALiBi slopes per head)."""
+    batch row, ALiBi slopes or table rows per head)."""
     mesh = _auto_mesh((2, 4) if hkv != 2 else (4, 2), ("data", "model"))
     length = 56
     q, k, v = _inputs(length, hkv=hkv, dtype=jnp.float32)
@@ -587,7 +588,7 @@ def test_kernels_run_per_shard_on_auto_meshes(spec, hkv):
     kv_spec = q_spec if hkv != 1 else NamedSharding(mesh, PartitionSpec(spec[0]))
     q = jax.device_put(q, q_spec)
     k, v = (jax.device_put(x, kv_spec) for x in (k, v))
-    alibi = _alibi(jnp.float32)
+    score_mod = mod(jnp.float32)
 
     def attention(q, k, v, s):
         return fa.flex_attention(
@@ -595,17 +596,17 @@ def test_kernels_run_per_shard_on_auto_meshes(spec, hkv):
             backend="triton", kernel_options=TRITON,
         )  # fmt: skip
 
-    compiled = jax.jit(attention).lower(q, k, v, alibi).compile()
-    out, lse = compiled(q, k, v, alibi)
+    compiled = jax.jit(attention).lower(q, k, v, score_mod).compile()
+    out, lse = compiled(q, k, v, score_mod)
     if hkv != 1:
         assert _collectives(compiled.as_text(), floats_only=True) == {}
         for x in (out, lse):
             assert (*x.sharding.spec, None, None)[:2] == spec
-    grads = _loss(attention).lower(q, k, v, alibi).compile()
+    grads = _loss(attention).lower(q, k, v, score_mod).compile()
     ops = _collectives(grads.as_text(), floats_only=True)
     if hkv != 1:
         assert set(ops) <= {"all-reduce"}, ops  # d(slopes), and the loss's own sum
-    _compare(attention, q, k, v, alibi, bm, 2e-4, 2e-5, gqa=hkv != H)
+    _compare(attention, q, k, v, score_mod, bm, 2e-4, 2e-5, gqa=hkv != H)
 
 
 def test_kernels_per_shard_under_vmap():
