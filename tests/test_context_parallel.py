@@ -172,17 +172,17 @@ CASES = {
 }
 
 
-def _mask(name, length):
-    if name == "causal":
-        return fa.create_block_mask(
-            fa.masks.causal_mask, None, None, length, length, block_size=BLOCK
-        )
-    if name == "sliding":
-        return fa.create_block_mask(
-            fa.masks.sliding_window(9), None, None, length, length, block_size=BLOCK
-        )
-    mod = fa.and_masks(fa.masks.causal_mask, fa.masks.document_mask(_documents(length)))
-    return fa.create_block_mask(mod, B, None, length, length, block_size=BLOCK)
+def _mask(name, length, block_size=BLOCK):
+    mods = {
+        "causal": (fa.masks.causal_mask, None),
+        "sliding": (fa.masks.sliding_window(9), None),
+    }
+    if name in mods:
+        mod, b = mods[name]
+    else:  # "documents": causal, within each batch row's documents
+        docs = fa.masks.document_mask(_documents(length))
+        mod, b = fa.and_masks(fa.masks.causal_mask, docs), B
+    return fa.create_block_mask(mod, b, None, length, length, block_size=block_size)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -550,11 +550,6 @@ TRITON = {"triton": {"interpret": True, "block_q": 16, "block_kv": 16}}
 TRITON["triton"] |= {"bwd_block_q": 16, "bwd_block_kv": 16}
 
 
-def _documents_mask_16(length):
-    mod = fa.and_masks(fa.masks.causal_mask, fa.masks.document_mask(_documents(length)))
-    return fa.create_block_mask(mod, B, None, length, length, block_size=16)
-
-
 def _auto_mesh(shape, names):
     return jax.make_mesh(
         shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape)
@@ -583,7 +578,7 @@ def test_kernels_run_per_shard_on_auto_meshes(spec, hkv, mod):
     mesh = _auto_mesh((2, 4) if hkv != 2 else (4, 2), ("data", "model"))
     length = 56
     q, k, v = _inputs(length, hkv=hkv, dtype=jnp.float32)
-    bm = _documents_mask_16(length)
+    bm = _mask("documents", length, block_size=16)
     q_spec = NamedSharding(mesh, PartitionSpec(*spec))
     kv_spec = q_spec if hkv != 1 else NamedSharding(mesh, PartitionSpec(spec[0]))
     q = jax.device_put(q, q_spec)
