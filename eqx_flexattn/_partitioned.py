@@ -279,12 +279,17 @@ def _partitioned(plain, problem, extra, extra_roles, result_roles):
 
     flat = (*leaves, *ids, *extra)
     whole = lambda *flat: run(flat, None)  # one device: custom_partitioning inlines it
-    out_dims = [len(s.shape) for s in jax.eval_shape(whole, *flat)]
     call = custom_partitioning(whole)
     call.def_partition(
         infer_sharding_from_operands=infer,
         partition=partition,
-        sharding_rule=_rule(list(map(jnp.shape, flat)), roles, out_dims, result_roles),
+        # A callable: the results' ranks come with the lowering (no extra trace).
+        sharding_rule=lambda mesh, operands, results: _rule(
+            [o.shape for o in operands],
+            roles,
+            [len(r.shape) for r in results],
+            result_roles,
+        ),
     )
     return _with_vmap_rule(call, whole)(*flat)
 
@@ -341,13 +346,15 @@ def _per_example_shard(mapped, flat, batched):
             names[0] = "n"
         return ArrayMapping(*names)
 
-    results = jax.eval_shape(mapped, *flat)
-    rule = SdyShardingRule(
-        tuple(
-            dims("x", i, jnp.ndim(x), b) for i, (x, b) in enumerate(zip(flat, batched))
-        ),
-        tuple(dims("y", i, len(r.shape), True) for i, r in enumerate(results)),
-    )
+    def rule(mesh, operands, results):  # ranks from the lowering: no extra trace
+        return SdyShardingRule(
+            tuple(
+                dims("x", i, len(o.shape), b)
+                for i, (o, b) in enumerate(zip(operands, batched))
+            ),
+            tuple(dims("y", i, len(r.shape), True) for i, r in enumerate(results)),
+        )
+
     call = custom_partitioning(lambda *flat: mapped(*flat))
     call.def_partition(
         infer_sharding_from_operands=infer, partition=partition, sharding_rule=rule
