@@ -237,7 +237,19 @@ def _compiler_params(tiles: Tiles, static: Static):
     return plt.CompilerParams(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
-def _call(kernel, grid, out_shape, static, tiles, *args, name):
+def _call(kernel, grid, out_shape, static, tiles, score, mask, *args, name, **options):
+    """`kernel` (with its static options) launched on `grid` over `args` and the
+    mods' tables."""
+    tables = (score.tables if score is not None else ()) + mask.tables
+    kernel = ft.partial(
+        kernel,
+        static=static,
+        tiles=tiles,
+        score=_static(score),
+        mask=_static(mask),
+        **options,
+    )
+    args = (*args, *tables)
     return pl.pallas_call(
         kernel,
         grid=grid,
@@ -254,31 +266,21 @@ def forward(static: Static, tiles: Tiles, q, k, v, counts, blocks, score, mask):
     """`(out (B, Hq, Lq_pad, Dv_pad), lse (B, Hq, Lq_pad))` from padded inputs and
     the forward block lists `counts (B|1, H|1, Mq, 2)` (full, all) and `blocks
     (B|1, H|1, Mq, N)` (full first), at the kernel's tiles."""
-    tables = (score.tables if score is not None else ()) + mask.tables
-    kernel = ft.partial(
-        _forward_kernel,
-        static=static,
-        tiles=tiles,
-        score=_static(score),
-        mask=_static(mask),
-    )
     grid = (static.lq_pad // tiles.block_q, static.hq, static.b)
     out_shape = (
         jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad, static.dv), q.dtype),
         jax.ShapeDtypeStruct((static.b, static.hq, static.lq_pad), jnp.float32),
     )
+    operands = (counts, blocks, q, k, v)
     return _call(
-        kernel,
+        _forward_kernel,
         grid,
         out_shape,
         static,
         tiles,
-        counts,
-        blocks,
-        q,
-        k,
-        v,
-        *tables,
+        score,
+        mask,
+        *operands,
         name="flex_fwd",
     )
 
@@ -291,13 +293,30 @@ def _static(mod: KernelMod | None) -> KernelMod | None:
 # --- backward ------------------------------------------------------------------------
 
 
+class _Rows(NamedTuple):
+    """A query tile's operands of the backward: `q`, `dO`, the base-2 log-sum-exp
+    and `delta`."""
+
+    q: jax.Array
+    do: jax.Array
+    lse2: jax.Array
+    delta: jax.Array
+
+
+def _load_rows(refs, b, h, rows) -> _Rows:
+    q_ref, do_ref, lse_ref, delta_ref = refs
+    return _Rows(
+        q_ref[b, h, rows, :],
+        do_ref[b, h, rows, :],
+        lse_ref[b, h, rows],
+        delta_ref[b, h, rows],
+    )
+
+
 def _tile_grads(
-    q,
+    r: _Rows,
     k,
     v,
-    do,
-    lse2,
-    delta,
     score_t,
     mask_t,
     b,
@@ -312,6 +331,7 @@ def _tile_grads(
     and, if `want_values`, the cotangents of the score mod's table values; all
     transposed (rows of keys) if `transposed`."""
     s_mod = lambda s, *vals: score_t(s, *idx, values=vals).astype(jnp.float32)
+    q, do, lse2, delta = r
     if transposed:
         raw = _dot(k, q, static, trans_b=True) * static.scale
         per_query = lambda x: x[None, :]
@@ -370,10 +390,7 @@ def _dq_kernel(
     mh = h if static.mask_head else 0
     q0 = i * bq
     rows = pl.ds(q0, bq)
-    q = q_ref[b, h, rows, :]
-    do = do_ref[b, h, rows, :]
-    lse2 = lse_ref[b, h, rows]
-    delta = delta_ref[b, h, rows]
+    r = _load_rows((q_ref, do_ref, lse_ref, delta_ref), b, h, rows)
     n_full = counts_ref[mb, mh, i, 0]
     n_all = counts_ref[mb, mh, i, 1]
 
@@ -385,12 +402,9 @@ def _dq_kernel(
         v = v_ref[b, hk, pl.ds(k0, bkv), :]
         pos = _positions(q0, k0, bq, bkv)
         _, ds, dvalues = _tile_grads(
-            q,
+            r,
             k,
             v,
-            do,
-            lse2,
-            delta,
             score_t,
             mask_t,
             b,
@@ -456,16 +470,6 @@ def dq(
     `(B, Hq, Lkv_pad / 64, Lq_pad / 64, 128)` (see `_diagonal_sums`; tiles not
     visited hold garbage). `lse2` is the log-sum-exp in base 2, `+inf` for fully
     masked rows; `delta = rowsum(dO * O) - dlse`."""
-    tables = (score.tables if score is not None else ()) + mask.tables
-    kernel = ft.partial(
-        _dq_kernel,
-        static=static,
-        tiles=tiles,
-        score=_static(score),
-        mask=_static(mask),
-        learnt=tuple(learnt),
-        diag=tuple(diag),
-    )
     mq = static.lq_pad // tiles.block_q
     grid = (mq, static.hq, static.b)
     bh = (static.b, static.hq)
@@ -481,22 +485,19 @@ def dq(
         parts = jax.ShapeDtypeStruct((*bh, nkv, mq, 2 * n), jnp.float32)
         scratch = jax.ShapeDtypeStruct((*bh, mq, n, n), jnp.float32)
         out_shape = (*out_shape, *(parts for _ in diag), scratch)
+    operands = (counts, blocks, q, k, v, do, lse2, delta)
     dq_, *outs = _call(
-        kernel,
+        _dq_kernel,
         grid,
         out_shape,
         static,
         tiles,
-        counts,
-        blocks,
-        q,
-        k,
-        v,
-        do,
-        lse2,
-        delta,
-        *tables,
+        score,
+        mask,
+        *operands,
         name="flex_bwd_dq",
+        learnt=tuple(learnt),
+        diag=tuple(diag),
     )
     sums = outs[: len(learnt)]
     return dq_, sums, outs[len(learnt) : len(learnt) + len(diag)]
@@ -537,18 +538,12 @@ def _dkv_kernel(
             dk, dv, sums = carry
             q0 = blocks_ref[mb, mh, n, j] * bq
             rows = pl.ds(q0, bq)
-            q = q_ref[b, h, rows, :]
-            do = do_ref[b, h, rows, :]
-            lse2 = lse_ref[b, h, rows]
-            delta = delta_ref[b, h, rows]
+            r = _load_rows((q_ref, do_ref, lse_ref, delta_ref), b, h, rows)
             pos = _positions(q0, k0, bq, bkv, transposed=True)
             p, ds, dvalues = _tile_grads(
-                q,
+                r,
                 k,
                 v,
-                do,
-                lse2,
-                delta,
                 score_t,
                 mask_t,
                 b,
@@ -559,8 +554,8 @@ def _dkv_kernel(
                 bool(learnt),
                 transposed=True,
             )
-            dv = dv + _dot(p.astype(do.dtype), do, static)
-            dk = dk + _dot(ds.astype(q.dtype), q, static)
+            dv = dv + _dot(p.astype(r.do.dtype), r.do, static)
+            dk = dk + _dot(ds.astype(r.q.dtype), r.q, static)
             sums = tuple(
                 acc + jnp.sum(dvalues[t], axis=1) for acc, t in zip(sums, learnt)
             )
@@ -591,15 +586,6 @@ def dkv(
     block, full first) at the kernel's tiles; and, for each per-key score-mod table
     `learnt[t]` (its index in `score.specs`), the per-key sums `(B, Hq, Lkv_pad)` of
     its values' cotangents."""
-    tables = (score.tables if score is not None else ()) + mask.tables
-    kernel = ft.partial(
-        _dkv_kernel,
-        static=static,
-        tiles=tiles,
-        score=_static(score),
-        mask=_static(mask),
-        learnt=tuple(learnt),
-    )
     grid = (static.lkv_pad // tiles.block_kv, static.hkv, static.b)
     cols = jax.ShapeDtypeStruct((static.b, static.hq, static.lkv_pad), jnp.float32)
     out_shape = (
@@ -607,21 +593,17 @@ def dkv(
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         *(cols for _ in learnt),
     )
+    operands = (counts, blocks, q, k, v, do, lse2, delta)
     dk, dv, *sums = _call(
-        kernel,
+        _dkv_kernel,
         grid,
         out_shape,
         static,
         tiles,
-        counts,
-        blocks,
-        q,
-        k,
-        v,
-        do,
-        lse2,
-        delta,
-        *tables,
+        score,
+        mask,
+        *operands,
         name="flex_bwd_dkv",
+        learnt=tuple(learnt),
     )
     return dk, dv, sums
