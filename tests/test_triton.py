@@ -227,6 +227,29 @@ def test_gradients_match_reference(mod_name, getkey, caplog):
     assert np.abs(np.asarray(got_leaves[3])).max() > 1e-3
 
 
+def test_backward_tiles_smaller_than_the_padding(getkey):
+    """Forward tiles larger than the backward's pad the lengths past the backward's
+    own blocks (Lq = 40 -> 64 at 32-row forward tiles, 3 blocks of 16 rows for 4 dQ
+    programs; Lkv = 70 -> 128, 3 blocks of 32 keys for 4 dK/dV programs): those
+    programs get empty block lists. Read past the lists, they were an illegal
+    address on an H100 (clamped, hence unseen, when interpreted: the launcher now
+    refuses lists shorter than the grid)."""
+    b, hq, hkv, lq, lkv = 2, 4, 2, 40, 70
+    q, k, v = random_qkv(getkey(), b, hq, hkv, lq, lkv, 16, dtype=jnp.float32)
+    mask = lambda bb, h, qi, kv: (kv <= qi + 30) & ((kv + bb) % 7 != 0)
+    bm = fa.create_block_mask(mask, b, None, lq, lkv, block_size=16)
+    mod = score_mods.Alibi(jnp.array([0.5, 0.25, 0.125, 0.0625], jnp.float32))
+    tiles = {"block_q": 32, "block_kv": 64, "bwd_block_q": 16, "bwd_block_kv": 32}
+    options = {"triton": {"interpret": True} | tiles}
+    grad = lambda f: eqx.filter_jit(eqx.filter_value_and_grad(lambda a: f(*a)))
+    val, got = grad(loss("triton", bm, options))((q, k, v, mod))
+    want_val, want = grad(loss("reference", bm))(to_f64((q, k, v, mod)))
+    np.testing.assert_allclose(val, want_val, rtol=1e-5)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        w = np.asarray(w)
+        np.testing.assert_allclose(g, w, atol=2e-5 * np.abs(w).max(), rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 def test_low_precision_forward_and_gradients(dtype, getkey):
     q, k, v = random_qkv(getkey(), 1, 2, 1, 48, 64, 32, dtype=dtype)

@@ -196,9 +196,11 @@ def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _lists(bm: BlockMask, transposed: bool = False):
-    """`(counts (B|1, H|1, M, 2), blocks (B|1, H|1, M, N))` of a BlockMask: per row
-    its number of full blocks and of all blocks, then its blocks, full ones first."""
+def _lists(bm: BlockMask, rows: int, transposed: bool = False):
+    """`(counts (B|1, H|1, rows, 2), blocks (B|1, H|1, rows, N))` of a BlockMask: per
+    row its number of full blocks and of all blocks, then its blocks, full ones
+    first. Rows past the mask's own (the kernel's grid covers the lengths padded to
+    every kernel's tiles) have empty lists."""
     (p_num, p_idx), (f_num, f_idx) = bm.block_lists(transposed=transposed)
     n = p_idx.shape[-1]
     j = jnp.arange(n, dtype=INDEX_DTYPE)
@@ -206,7 +208,8 @@ def _lists(bm: BlockMask, transposed: bool = False):
     partial = jnp.take_along_axis(p_idx, jnp.clip(j - full, 0, n - 1), axis=-1)
     blocks = jnp.where(j < full, f_idx, partial)
     counts = jnp.stack([f_num, f_num + p_num], axis=-1)
-    return counts.astype(INDEX_DTYPE), blocks.astype(INDEX_DTYPE)
+    counts, blocks = (_pad_to(x.astype(INDEX_DTYPE), 2, rows) for x in (counts, blocks))
+    return counts, blocks
 
 
 class _Plan(eqx.Module):
@@ -350,7 +353,8 @@ class TritonBackend(AbstractBackend):
     def forward(self, problem: AttentionProblem) -> tuple[Array, Array]:
         plan = _plan(problem, self.config(problem))
         static = plan.static
-        counts, blocks = _lists(_mask_at(problem, plan.fwd))
+        rows = static.lq_pad // plan.fwd.block_q
+        counts, blocks = _lists(_mask_at(problem, plan.fwd), rows)
         score, mask = _mods(problem, static)
         q, k, v = _padded(problem, static)
         out, lse = _kernels.forward(
@@ -402,7 +406,7 @@ class TritonBackend(AbstractBackend):
         partials = [None] * (len(score.specs) if score is not None else 0)
         dq = dk = dv_ = dmod = None
         if perturbed.q or rows or diag:
-            counts, blocks = _lists(bm)
+            counts, blocks = _lists(bm, static.lq_pad // tiles.block_q)
             dq, row_sums, diag_sums = _kernels.dq(
                 static, tiles, *operands, counts, blocks, score, mask, rows, diag
             )
@@ -416,7 +420,8 @@ class TritonBackend(AbstractBackend):
                     part, visited, static.lq_pad, score.specs[i]
                 )
         if perturbed.k or perturbed.v or cols:
-            counts, blocks = _lists(bm, transposed=True)
+            rows = static.lkv_pad // tiles.block_kv
+            counts, blocks = _lists(bm, rows, transposed=True)
             dk, dv_, col_sums = _kernels.dkv(
                 static, tiles, *operands, counts, blocks, score, mask, cols
             )

@@ -238,8 +238,14 @@ def _compiler_params(tiles: Tiles, static: Static):
 
 
 def _call(kernel, grid, out_shape, static, tiles, score, mask, *args, name, **options):
-    """`kernel` (with its static options) launched on `grid` over `args` and the
-    mods' tables."""
+    """`kernel` (with its static options) launched on `grid` over `args` (block
+    lists first) and the mods' tables."""
+    counts, blocks = args[:2]
+    if not counts.shape[2] == blocks.shape[2] == grid[0]:  # else programs read
+        # past the lists: clamped when interpreted, an illegal address on a GPU
+        raise ValueError(
+            f"{name}: block lists of {counts.shape[2]} rows for {grid[0]} programs."
+        )
     tables = (score.tables if score is not None else ()) + mask.tables
     kernel = ft.partial(
         kernel,
