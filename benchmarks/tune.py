@@ -1,12 +1,14 @@
-"""Times the `mosaic` backend under several kernel options (one GPU run).
+"""Times a kernel backend under several kernel options (one GPU run).
 
-    python -m benchmarks.mosaic_tune [--fwdbwd] [--configs seed,L8k]
-        [--cases none,causal] [--variants '[{}, {"num_stages": 3}]'] [--label new]
+    python -m benchmarks.tune [--backend mosaic|triton] [--fwdbwd] [--torch]
+        [--configs seed,L8k] [--cases none,causal]
+        [--variants '[{}, {"num_stages": 3}]'] [--label new]
 
 Prints one line per (config, case, options): median ms and TFLOP/s on the attended
 fraction, built and timed like the harness (`benchmarks.impls`, `benchmarks.timing`).
 Run it twice with different `PYTHONPATH`s to compare two versions of the kernels
-in one GPU session.
+in one GPU session. `--torch` adds torch FlexAttention's row for each case, timed
+the same way in the same process.
 """
 
 from __future__ import annotations
@@ -17,13 +19,22 @@ import json
 import jax
 
 from benchmarks import spec
-from benchmarks.impls import _jitted, _vjp_step, EqxFlex, Workspace
+from benchmarks.impls import (
+    _jitted,
+    _vjp_step,
+    detect_env,
+    EqxFlex,
+    TorchFlex,
+    Workspace,
+)
 from benchmarks.timing import measure, TimingSettings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", default="mosaic", choices=("mosaic", "triton"))
     parser.add_argument("--fwdbwd", action="store_true", help="time forward+backward")
+    parser.add_argument("--torch", action="store_true", help="also time torch flex")
     parser.add_argument("--configs", default="seed,L8k")
     parser.add_argument("--cases", default="none,causal,softcap+causal,document")
     parser.add_argument("--variants", default="[{}]", help="JSON list of options")
@@ -40,18 +51,32 @@ def main() -> None:
     variants = json.loads(args.variants)
     mode = "fwd+bwd" if args.fwdbwd else "fwd"
     print(jax.devices()[0].device_kind, args.label, mode, flush=True)
+    torch_impls = [TorchFlex(), TorchFlex(tf32=True)] if args.torch else []
+    for t in torch_impls:
+        if why := t.unavailable(detect_env(quick=False)):
+            raise SystemExit(f"--torch: {why}")
     for cname in args.configs.split(","):
         config = spec.CONFIGS[cname]
         ws = Workspace(config)
         for case_name in args.cases.split(","):
             case = spec.CASES[case_name]
             flop = spec.flops(case, config)[1 if args.fwdbwd else 0]
-            for opts in variants:
-                impl = EqxFlex("mosaic", kernel_options={"mosaic": opts})
+            impls = [
+                (str(o), EqxFlex(args.backend, kernel_options={args.backend: o}))
+                for o in variants
+            ]
+            if args.torch:
+                impls += [
+                    (t.name, t) for t in torch_impls if not t.supports(case, config)
+                ]
+            for label, impl in impls:
                 head = f"{args.label:6s} {mode:7s} {cname:5s} {case_name:22s}"
-                head += f" {opts!s:28s}"
+                head += f" {label:28s}"
                 try:
-                    if not args.fwdbwd:
+                    if impl.framework == "torch":
+                        make = impl.make_fwdbwd if args.fwdbwd else impl.make_fwd
+                        step = make(case, config, ws)
+                    elif not args.fwdbwd:
                         step = impl.make_fwd(case, config, ws)
                     elif args.grads == "qkv":
                         step = impl.make_fwdbwd(case, config, ws)
