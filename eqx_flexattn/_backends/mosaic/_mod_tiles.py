@@ -83,7 +83,10 @@ class ModTiles:
     None; `interpret`: running in the interpreter.
 
     The mod runs on row and column vectors as long as it can (`_tile_eval`): tables
-    of the rows' and the columns' kind are vectors, positions too.
+    of the rows' and the columns' kind are vectors, positions too, except in a mod
+    with a "diag" table, whose positions are whole tiles: Mosaic GPU's layout
+    inference gave up (after minutes) on the backward of ALiBi slopes with a
+    relative-position table when the positions were vectors.
     """
 
     def __init__(
@@ -104,6 +107,9 @@ class ModTiles:
         self.lq_pad = padded[0]
         self.lengths = dict(zip(("q", "kv"), lengths))
         self.interpret = interpret
+        self.tile_positions = mod is not None and any(
+            spec.kind == "diag" for spec in mod.specs
+        )
 
     def _diagonals(self, ref, row0, col0):
         """The Toeplitz tile of a "diag" table `ref` (of this program's batch and
@@ -168,14 +174,20 @@ class ModTiles:
 
     def position(self, which: str, row0, col0, clamp: bool = True):
         """The `which` ("q" or "kv") position of every row or column of the tile, a
-        vector."""
+        vector (a whole tile with `tile_positions`)."""
         axis, start = (0, row0) if self._is_row(which) else (1, col0)
-        layout = ROW if axis == 0 else COL
-        pos = plgpu.broadcasted_iota(
-            jnp.int32, (self.shape[axis],), 0, layout=layout
-        ) + jnp.asarray(start, jnp.int32)
+        if self.tile_positions:
+            pos = plgpu.broadcasted_iota(jnp.int32, self.shape, axis, layout=WG)
+        else:
+            layout = ROW if axis == 0 else COL
+            pos = plgpu.broadcasted_iota(
+                jnp.int32, (self.shape[axis],), 0, layout=layout
+            )
+        pos = pos + jnp.asarray(start, jnp.int32)
         length = self.lengths[which]
         pos = clamped(pos, length) if clamp and length is not None else pos
+        if self.tile_positions:
+            return _tile_eval.tile(pos)
         return _tile_eval.vector(pos, axis, self.padded[which])
 
     def _args(self, b, h, row0, col0) -> list:
@@ -222,9 +234,7 @@ class ModTiles:
         keep = self._broadcast(keep)
         if kv_bound is not None:
             pos = self.position("kv", row0, col0, clamp=False)
-            inside = _tile_eval.vector(
-                pos.value < kv_bound, 1 if pos.kind == "col" else 0
-            )
+            inside = _tile_eval.Lazy(pos.kind, (pos.value < kv_bound,))
             keep = keep & self._broadcast(inside)
         return keep
 
