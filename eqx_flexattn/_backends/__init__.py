@@ -86,13 +86,10 @@ register(
     "jax >= 0.11 with CUDA (`pip install -U 'jax[cuda12]'`; jax 0.11 needs Python "
     ">= 3.12)",
 )
-# `triton` has run only on the CPU (interpreter, lowering): `auto` takes it once its
-# GPU tests have passed on a GPU (then: auto=True, between mosaic and xla).
 register(
     "triton",
     ".triton",
     "TritonBackend",
-    auto=False,
     needs="an NVIDIA GPU of compute capability 8.0 (Ampere) or newer and jax "
     "with CUDA (`pip install -U 'jax[cuda12]'`)",
 )

@@ -40,7 +40,12 @@ DEVICE_KINDS = {
     "NVIDIA H100 80GB HBM3": (9, 0),
 }
 
-# (block_q, block_kv, num_warps, num_stages), preferred first.
+# (block_q, block_kv, num_warps, num_stages), preferred first. Measured on an H100
+# (`benchmarks/notes/triton_kernel.md`): for 2-byte inputs 64x64 tiles, 4 warps and
+# 3 stages were the fastest of five forward tiles at D=64 and D=128 and, where the
+# estimate lets them (D <= 64), of the backward tiles; float32 keeps 128x64 forward
+# tiles (faster than 128x32; 64x64 not measured).
+HALF_PRECISION_FORWARD = Tiles(64, 64, 4, 3)
 FORWARD_CANDIDATES = (
     Tiles(128, 128, 8, 3),
     Tiles(128, 64, 4, 3),
@@ -53,8 +58,8 @@ FORWARD_CANDIDATES = (
     Tiles(16, 16, 4, 1),
 )
 BACKWARD_CANDIDATES = (
-    Tiles(64, 128, 8, 3),
     Tiles(64, 64, 4, 3),
+    Tiles(64, 128, 8, 3),
     Tiles(64, 64, 4, 2),
     Tiles(32, 64, 4, 2),
     Tiles(32, 32, 4, 2),
@@ -136,7 +141,11 @@ def choose(
 
     **Raises:** `NotImplementedError` with a sentence when nothing fits.
     """
-    candidates = FORWARD_CANDIDATES if kind == "forward" else BACKWARD_CANDIDATES
+    candidates = BACKWARD_CANDIDATES
+    if kind == "forward":
+        candidates = FORWARD_CANDIDATES
+        if itemsize == 2:
+            candidates = (HALF_PRECISION_FORWARD, *candidates)
     kinds = ("dq", "dkv") if kind == "backward" else (kind,)
     max_q, max_kv = pow2_at_least(lq), pow2_at_least(lkv)
     why = ""
