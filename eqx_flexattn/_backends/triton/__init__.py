@@ -196,11 +196,21 @@ def _pad_to(x: Array, axis: int, size: int, value=0) -> Array:
     return jnp.pad(x, widths, constant_values=value)
 
 
-def _lists(bm: BlockMask, rows: int, transposed: bool = False):
-    """`(counts (B|1, H|1, rows, 2), blocks (B|1, H|1, rows, N))` of a BlockMask: per
+def _lists(
+    bm: BlockMask,
+    static: _kernels.Static,
+    tiles: _kernels.Tiles,
+    transposed: bool = False,
+):
+    """`(counts (B|1, H|1, M, 2), blocks (B|1, H|1, M, N))` of `bm` (at `tiles`): per
     row its number of full blocks and of all blocks, then its blocks, full ones
-    first. Rows past the mask's own (the kernel's grid covers the lengths padded to
-    every kernel's tiles) have empty lists."""
+    first; one row per program of the kernel's grid (`M` query tiles of `Lq_pad`,
+    or key tiles of `Lkv_pad` if `transposed`). Rows past the mask's own (the
+    lengths are padded to every kernel's tiles) have empty lists."""
+    if transposed:
+        rows = static.lkv_pad // tiles.block_kv
+    else:
+        rows = static.lq_pad // tiles.block_q
     (p_num, p_idx), (f_num, f_idx) = bm.block_lists(transposed=transposed)
     n = p_idx.shape[-1]
     j = jnp.arange(n, dtype=INDEX_DTYPE)
@@ -353,8 +363,7 @@ class TritonBackend(AbstractBackend):
     def forward(self, problem: AttentionProblem) -> tuple[Array, Array]:
         plan = _plan(problem, self.config(problem))
         static = plan.static
-        rows = static.lq_pad // plan.fwd.block_q
-        counts, blocks = _lists(_mask_at(problem, plan.fwd), rows)
+        counts, blocks = _lists(_mask_at(problem, plan.fwd), static, plan.fwd)
         score, mask = _mods(problem, static)
         q, k, v = _padded(problem, static)
         out, lse = _kernels.forward(
@@ -406,7 +415,7 @@ class TritonBackend(AbstractBackend):
         partials = [None] * (len(score.specs) if score is not None else 0)
         dq = dk = dv_ = dmod = None
         if perturbed.q or rows or diag:
-            counts, blocks = _lists(bm, static.lq_pad // tiles.block_q)
+            counts, blocks = _lists(bm, static, tiles)
             dq, row_sums, diag_sums = _kernels.dq(
                 static, tiles, *operands, counts, blocks, score, mask, rows, diag
             )
@@ -420,8 +429,7 @@ class TritonBackend(AbstractBackend):
                     part, visited, static.lq_pad, score.specs[i]
                 )
         if perturbed.k or perturbed.v or cols:
-            rows = static.lkv_pad // tiles.block_kv
-            counts, blocks = _lists(bm, rows, transposed=True)
+            counts, blocks = _lists(bm, static, tiles, transposed=True)
             dk, dv_, col_sums = _kernels.dkv(
                 static, tiles, *operands, counts, blocks, score, mask, cols
             )
